@@ -1,0 +1,1 @@
+"""PyTorch (diffusers / transformers) <-> dual_diffusion checkpoint conversion."""
