@@ -1,0 +1,97 @@
+"""Small layers shared by the networks: Linear with logical axis names, RMSNorm, norms, buffers.
+
+Parameters are created in `param_dtype` (float32) and cast to the compute
+`dtype` on use, so bf16 training keeps fp32 master weights with one code path.
+Normalisations compute in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = Sequence[str | None]
+Initializer = Callable[..., jax.Array]
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that checkpoints carry (e.g. a fixed position grid).
+
+    Not an nnx.Param, so optimizers (filtering on nnx.Param) leave it alone and
+    parameter counts exclude it, as PyTorch excludes registered buffers.
+    """
+
+
+class KeyStream:
+    """Per-parameter keys folded from one key with a Python counter; duck-types `nnx.Rngs.params()`.
+
+    Why: every `nnx.Rngs` draw updates a counter Variable, and under tracing
+    (nnx.eval_shape / jitted sharded init) flax probes the traced counter's
+    `.sharding`, whose error message costs a scan of the whole jaxpr: init of
+    the 2B model took about a minute. A Python counter avoids it.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key, self.count = key, 0
+
+    def params(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
+def param(init: Initializer, rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, dtype="float32") -> nnx.Param:
+    """An nnx.Param with logical axis names (metadata only; see dual_diffusion/sharding.py)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param: logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(dtype)), out_sharding=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias; kernel (in, out) = torch weight transposed.
+
+    axes: logical names of (in, out); the bias takes the out name.
+    Output is in `dtype` unless `out_dtype` is given to __call__ (accumulation
+    then happens in that dtype, e.g. float32 logits from bf16 inputs).
+    """
+
+    def __init__(self, in_features: int, out_features: int, axes: Axes, *, use_bias: bool = True,
+                 dtype="float32", param_dtype="float32", kernel_init: Initializer = xavier_uniform,
+                 bias_init: Initializer = zeros, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(dtype)
+        self.kernel = param(kernel_init, rngs, (in_features, out_features), axes, param_dtype)
+        self.bias = param(bias_init, rngs, (out_features,), (axes[1],), param_dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(out_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale over the last axis, in float32; returns the input dtype."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, axes: Axes = ("norm",), param_dtype="float32",
+                 rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(ones, rngs, (dim,), axes, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters over the last axis; float32 result."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + eps)

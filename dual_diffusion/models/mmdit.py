@@ -1,0 +1,245 @@
+"""The D-DiT network: SD3's MM-DiT with a full last block, an image head and a text head.
+
+REFERENCE.md, Network. Image latents (NHWC) become patch tokens, text hidden
+states go through `context_embedder`; every block is a joint block (two
+streams with their own AdaLN-Zero modulation, q/k/v, output projection and
+GELU(tanh) MLP; one attention over [image; text]). The forward returns the
+rectified-flow velocity (NHWC) and the text logits.
+
+Precision: parameters stay in `runtime.param_dtype`; matmuls run in
+`runtime.dtype`; the residual streams, norms and softmax are float32, and both
+outputs (velocity and logits) are float32 whatever the compute dtype.
+
+Layers are stored one module per block (`blocks[i]`), so checkpoints do not
+depend on `runtime.scan_layers`; scanning stacks the per-block states inside
+the traced call.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dual_diffusion.models.attention import attention
+from dual_diffusion.models.configs import MMDiTConfig, Runtime
+from dual_diffusion.models.embeddings import PatchEmbed, TimestepEmbedder
+from dual_diffusion.models.layers import KeyStream, Linear, RMSNorm, layer_norm, param, zeros
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _modulate(x_norm, shift_BxD, scale_BxD):
+    return x_norm * (1 + scale_BxD[:, None, :]) + shift_BxD[:, None, :]
+
+
+class MLP(nnx.Module):
+    """fc2(gelu_tanh(fc1(x))), 4x wide (diffusers FeedForward 'gelu-approximate')."""
+
+    def __init__(self, hidden: int, runtime: Runtime, *, rngs: nnx.Rngs):
+        kw = dict(dtype=runtime.dtype, param_dtype=runtime.param_dtype, rngs=rngs)
+        self.fc1 = Linear(hidden, 4 * hidden, ("embed", "mlp"), **kw)
+        self.fc2 = Linear(4 * hidden, hidden, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class QKV(nnx.Module):
+    """One stream's q/k/v projections, with optional per-head RMS qk-norm (SD3.5)."""
+
+    def __init__(self, cfg: MMDiTConfig, runtime: Runtime, *, rngs: nnx.Rngs):
+        d, self.heads = cfg.hidden_size, cfg.num_attention_heads
+        kw = dict(dtype=runtime.dtype, param_dtype=runtime.param_dtype, rngs=rngs)
+        self.q = Linear(d, d, ("embed", "heads"), **kw)
+        self.k = Linear(d, d, ("embed", "heads"), **kw)
+        self.v = Linear(d, d, ("embed", "heads"), **kw)
+        if cfg.qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"MMDiTConfig.qk_norm={cfg.qk_norm!r}; supported: None, 'rms_norm'")
+        norm = lambda: RMSNorm(cfg.attention_head_dim, eps=1e-6, param_dtype=runtime.param_dtype, rngs=rngs)
+        self.norm_q = norm() if cfg.qk_norm else None
+        self.norm_k = norm() if cfg.qk_norm else None
+
+    def __call__(self, x_BxLxD):
+        b, l, _ = x_BxLxD.shape
+        split = lambda t: t.reshape(b, l, self.heads, -1)
+        q, k, v = split(self.q(x_BxLxD)), split(self.k(x_BxLxD)), split(self.v(x_BxLxD))
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        return q, k, v
+
+
+class SelfAttention(nnx.Module):
+    """The image-only attention of SD3.5 dual-attention blocks (diffusers `attn2`)."""
+
+    def __init__(self, cfg: MMDiTConfig, runtime: Runtime, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.impl = runtime.attention_impl
+        self.qkv = QKV(cfg, runtime, rngs=rngs)
+        self.out = Linear(d, d, ("heads", "embed"), dtype=runtime.dtype, param_dtype=runtime.param_dtype,
+                          rngs=rngs)
+
+    def __call__(self, x_BxLxD):
+        q, k, v = self.qkv(x_BxLxD)
+        o = attention(q, k, v, impl=self.impl)
+        return self.out(o.reshape(o.shape[0], o.shape[1], -1))
+
+
+class JointBlock(nnx.Module):
+    """One MM-DiT block updating both streams (diffusers JointTransformerBlock, context_pre_only=False)."""
+
+    def __init__(self, cfg: MMDiTConfig, runtime: Runtime, *, dual_attention: bool, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.impl = runtime.attention_impl
+        kw = dict(dtype=runtime.dtype, param_dtype=runtime.param_dtype, rngs=rngs)
+        # AdaLN-Zero: modulations start at zero so every block starts as the identity.
+        mod = lambda n: Linear(d, n * d, ("embed", "mlp"), kernel_init=zeros, **kw)
+        self.img_mod = mod(9 if dual_attention else 6)
+        self.txt_mod = mod(6)
+        self.img_qkv = QKV(cfg, runtime, rngs=rngs)
+        self.txt_qkv = QKV(cfg, runtime, rngs=rngs)
+        self.img_out = Linear(d, d, ("heads", "embed"), **kw)
+        self.txt_out = Linear(d, d, ("heads", "embed"), **kw)
+        self.attn2 = SelfAttention(cfg, runtime, rngs=rngs) if dual_attention else None
+        self.img_mlp = MLP(d, runtime, rngs=rngs)
+        self.txt_mlp = MLP(d, runtime, rngs=rngs)
+
+    def __call__(self, x_BxNxD, c_BxLxD, temb_BxD):
+        """Image tokens x, text tokens c (float32 residual streams), conditioning temb -> (x, c)."""
+        cond = jax.nn.silu(temb_BxD)
+        img = jnp.split(self.img_mod(cond), 9 if self.attn2 is not None else 6, axis=-1)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = img[:6]
+        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = jnp.split(self.txt_mod(cond), 6, axis=-1)
+
+        x_norm = layer_norm(x_BxNxD)
+        qi, ki, vi = self.img_qkv(_modulate(x_norm, shift, scale))
+        qt, kt, vt = self.txt_qkv(_modulate(layer_norm(c_BxLxD), c_shift, c_scale))
+        n = x_BxNxD.shape[1]
+        cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+        o = attention(cat(qi, qt), cat(ki, kt), cat(vi, vt), impl=self.impl)
+        o = o.reshape(o.shape[0], o.shape[1], -1)
+
+        x = x_BxNxD + gate[:, None] * self.img_out(o[:, :n])
+        if self.attn2 is not None:
+            # SD3.5: the second attention reads the pre-attention norm with its own shift/scale.
+            shift2, scale2, gate2 = img[6:]
+            x = x + gate2[:, None] * self.attn2(_modulate(x_norm, shift2, scale2))
+        x = x + gate_mlp[:, None] * self.img_mlp(_modulate(layer_norm(x), shift_mlp, scale_mlp))
+
+        c = c_BxLxD + c_gate[:, None] * self.txt_out(o[:, n:])
+        c = c + c_gate_mlp[:, None] * self.txt_mlp(_modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
+        return x, c
+
+
+def _block_fn(graphdef, remat_policy: str):
+    """A pure function (state, x, c, temb) -> (x, c) of one block, rematerialised per the policy."""
+
+    def fn(state, x, c, temb):
+        return nnx.merge(graphdef, state)(x, c, temb)
+
+    if remat_policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[remat_policy])
+
+
+class MMDiT(nnx.Module):
+    """D-DiT MM-DiT. See the module docstring; paths of parameters are listed by convert/mmdit_keys.py."""
+
+    def __init__(self, cfg: MMDiTConfig, runtime: Runtime = Runtime(), *, rngs: nnx.Rngs):
+        d, p = cfg.hidden_size, cfg.patch_size
+        bad = [i for i in cfg.dual_attention_layers if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"MMDiTConfig.dual_attention_layers={cfg.dual_attention_layers}: {bad} not in "
+                             f"[0, {cfg.num_layers})")
+        if runtime.remat_policy != "none" and runtime.remat_policy not in _REMAT_POLICIES:
+            raise ValueError(f"Runtime.remat_policy={runtime.remat_policy!r}; expected 'none' or one of "
+                             f"{sorted(_REMAT_POLICIES)}")
+        self.cfg, self.runtime = cfg, runtime
+        rngs = KeyStream(rngs.params())  # cheap key draws under tracing (see KeyStream)
+        kw = dict(dtype=runtime.dtype, param_dtype=runtime.param_dtype, rngs=rngs)
+        self.pos_embed = PatchEmbed(patch_size=p, in_channels=cfg.in_channels, hidden=d,
+                                    pos_embed_max_size=cfg.pos_embed_max_size, base_size=cfg.sample_size // p, **kw)
+        self.time_embed = TimestepEmbedder(d, **kw)
+        self.context_embedder = Linear(cfg.joint_attention_dim, d, ("mlp", "embed"), **kw)
+        self.blocks = nnx.List([JointBlock(cfg, runtime, dual_attention=i in cfg.dual_attention_layers, rngs=rngs)
+                                for i in range(cfg.num_layers)])
+        # Heads start at zero as in DiT: velocity 0 and uniform text logits at step 0.
+        self.image_out_mod = Linear(d, 2 * d, ("embed", "mlp"), kernel_init=zeros, **kw)
+        self.image_out_proj = Linear(d, p * p * cfg.out_channels, ("embed", None), kernel_init=zeros, **kw)
+        self.text_out_proj = Linear(d, cfg.vocab_size, ("embed", "vocab"), kernel_init=zeros, **kw)
+        self.null_image_embd = param(nnx.initializers.normal(d ** -0.5), rngs, (1, cfg.num_null_image_tokens, d),
+                                     (None, None, "embed"), runtime.param_dtype)
+
+    def _run_blocks(self, x, c, temb):
+        """Runs blocks in order; with scan_layers, each run of identical consecutive blocks is one lax.scan."""
+        runs: list[tuple[nnx.GraphDef, list]] = []
+        for block in self.blocks:
+            graphdef, state = nnx.split(block)
+            if runs and self.runtime.scan_layers and runs[-1][0] == graphdef:
+                runs[-1][1].append(state)
+            else:
+                runs.append((graphdef, [state]))
+        for graphdef, states in runs:
+            fn = _block_fn(graphdef, self.runtime.remat_policy)
+            if len(states) == 1:
+                x, c = fn(states[0], x, c, temb)
+                continue
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+            def body(carry, state, fn=fn):
+                return fn(state, *carry, temb), None
+
+            (x, c), _ = jax.lax.scan(body, (x, c), stacked)
+        return x, c
+
+    def __call__(self, latents, text_hidden, timestep):
+        """Velocity and text logits.
+
+        Args:
+          latents: (B, H, W, in_channels) noisy latents, or None for a text-only call
+            (the learned null image tokens stand in for the image).
+          text_hidden: (B, L, joint_attention_dim) text encoder states.
+          timestep: (B,) on the 0..1000 scale.
+        Returns:
+          velocity (B, H, W, out_channels) float32, or None without latents;
+          logits (B, L, vocab_size) float32.
+        """
+        b = text_hidden.shape[0]
+        if latents is not None:
+            x = self.pos_embed(latents)
+        else:
+            x = jnp.broadcast_to(self.null_image_embd[...].astype(jnp.float32), (b,) + self.null_image_embd.shape[1:])
+        temb = self.time_embed(timestep)
+        c = self.context_embedder(text_hidden, out_dtype=jnp.float32)
+        x, c = self._run_blocks(x, c, temb)
+
+        velocity = None
+        if latents is not None:
+            scale, shift = jnp.split(self.image_out_mod(jax.nn.silu(temb)), 2, axis=-1)
+            patches = self.image_out_proj(_modulate(layer_norm(x), shift, scale), out_dtype=jnp.float32)
+            _, hh, ww, _ = latents.shape
+            p, oc = self.cfg.patch_size, self.cfg.out_channels
+            h, w = hh // p, ww // p
+            velocity = patches.reshape(b, h, w, p, p, oc).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, oc)
+        logits = self.text_out_proj(layer_norm(c), out_dtype=jnp.float32)
+        return velocity, logits
+
+
+def init_mmdit(cfg: MMDiTConfig, runtime: Runtime = Runtime(), seed: int = 0) -> MMDiT:
+    """A freshly initialised MMDiT (training from scratch)."""
+    return MMDiT(cfg, runtime, rngs=nnx.Rngs(seed))
+
+
+def abstract_mmdit(cfg: MMDiTConfig, runtime: Runtime = Runtime()) -> MMDiT:
+    """The MMDiT with ShapeDtypeStruct leaves (no memory): for shardings, counts and restores."""
+    return nnx.eval_shape(lambda: MMDiT(cfg, runtime, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameter scalars (nnx.Param leaves; buffers such as the position grid excluded)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))

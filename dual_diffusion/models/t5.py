@@ -1,0 +1,171 @@
+"""The T5 v1.1 encoder (REFERENCE.md, Text input): the frozen text encoder of D-DiT.
+
+Same math as transformers' `T5EncoderModel` (last_hidden_state):
+  h = embed(ids)
+  per layer: h += o(attn(q, k, v of rms(h); bias = relative position bias + mask, no 1/sqrt(d)))
+             h += wo(gelu_tanh(wi_0 rms(h)) * wi_1 rms(h))       (or wo(relu(wi rms(h))))
+  out = rms(h)
+The relative position bias is computed once from one bucket table and shared
+by every layer (transformers keeps that table in layer 0; here it sits beside
+the layers, so all layers are identical and can be scanned).
+
+Precision: parameters stay in param_dtype and are cast to Runtime.dtype on use;
+norms compute in float32, the residual stream is kept in float32 and the
+output is float32.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dual_diffusion.models.attention import attention
+from dual_diffusion.models.configs import Runtime, T5Config
+from dual_diffusion.models.layers import Linear, RMSNorm
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def relative_position_buckets(query_len: int, key_len: int, num_buckets: int, max_distance: int,
+                              bidirectional: bool = True) -> np.ndarray:
+    """(query_len, key_len) int32 bucket of each relative position key - query (static, numpy).
+
+    Half the buckets are exact offsets, the rest grow logarithmically up to
+    max_distance, beyond which offsets share the last bucket. The log is taken
+    in float32 and truncated toward zero, as transformers does, so buckets agree
+    exactly at the bin edges.
+    """
+    relative = np.arange(key_len)[None, :] - np.arange(query_len)[:, None]
+    buckets = np.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative > 0) * num_buckets
+        relative = np.abs(relative)
+    else:
+        relative = -np.minimum(relative, 0)
+    max_exact = num_buckets // 2
+    is_small = relative < max_exact
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(relative.astype(np.float32) / np.float32(max_exact))
+        large = (log_ratio / np.float32(math.log(max_distance / max_exact))
+                 * np.float32(num_buckets - max_exact))
+    large = max_exact + np.where(is_small, 0, large).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return (buckets + np.where(is_small, relative, large)).astype(np.int32)
+
+
+class T5Layer(nnx.Module):
+    """One encoder block: pre-norm self-attention and pre-norm feed-forward, both residual."""
+
+    def __init__(self, cfg: T5Config, runtime: Runtime, *, rngs: nnx.Rngs):
+        if cfg.feed_forward_proj not in ("gated-gelu", "relu"):
+            raise ValueError(f"T5Config.feed_forward_proj={cfg.feed_forward_proj!r}; expected 'gated-gelu' or 'relu'")
+        d, inner, ff = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.d_kv
+        self.gated = cfg.feed_forward_proj == "gated-gelu"
+        self.attention_impl = runtime.attention_impl
+        # transformers' init scales (std); irrelevant for converted weights, sane for random tests.
+        normal = nnx.initializers.normal
+        lin = dict(use_bias=False, dtype=runtime.dtype, param_dtype=runtime.param_dtype, rngs=rngs)
+        norm = dict(eps=cfg.layer_norm_epsilon, param_dtype=runtime.param_dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(d, **norm)
+        self.q = Linear(d, inner, ("embed", "heads"), kernel_init=normal((d * cfg.d_kv) ** -0.5), **lin)
+        self.k = Linear(d, inner, ("embed", "heads"), kernel_init=normal(d ** -0.5), **lin)
+        self.v = Linear(d, inner, ("embed", "heads"), kernel_init=normal(d ** -0.5), **lin)
+        self.o = Linear(inner, d, ("heads", "embed"), kernel_init=normal(inner ** -0.5), **lin)
+        self.ff_norm = RMSNorm(d, **norm)
+        if self.gated:
+            self.wi_0 = Linear(d, ff, ("embed", "mlp"), kernel_init=normal(d ** -0.5), **lin)
+            self.wi_1 = Linear(d, ff, ("embed", "mlp"), kernel_init=normal(d ** -0.5), **lin)
+        else:
+            self.wi = Linear(d, ff, ("embed", "mlp"), kernel_init=normal(d ** -0.5), **lin)
+        self.wo = Linear(ff, d, ("mlp", "embed"), kernel_init=normal(ff ** -0.5), **lin)
+
+    def __call__(self, h_BxLxD: jax.Array, bias_BxHxLxL: jax.Array) -> jax.Array:
+        """h: float32 residual stream; bias: position bias + key mask (float32)."""
+        B, L, _ = h_BxLxD.shape
+        x = self.attn_norm(h_BxLxD)
+        heads = lambda t: t.reshape(B, L, self.num_heads, self.head_dim)
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        # T5 folds any 1/sqrt(d) into its weights: unscaled logits (scale=1.0).
+        a = attention(q, k, v, impl=self.attention_impl, bias=bias_BxHxLxL, scale=1.0)
+        h_BxLxD = h_BxLxD + self.o(a.reshape(B, L, -1), out_dtype=jnp.float32)
+
+        x = self.ff_norm(h_BxLxD)
+        if self.gated:  # "gelu_new" = tanh approximation
+            f = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
+        else:
+            f = jax.nn.relu(self.wi(x))
+        # transformers keeps wo in float32 under half precision; we accumulate it in float32.
+        return h_BxLxD + self.wo(f, out_dtype=jnp.float32)
+
+
+class T5Encoder(nnx.Module):
+    """T5 encoder: token ids (B, L) [+ attention mask (B, L), 1 = keep] -> float32 (B, L, d_model)."""
+
+    def __init__(self, cfg: T5Config, runtime: Runtime = Runtime(), *, rngs: nnx.Rngs):
+        if runtime.remat_policy != "none" and runtime.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"Runtime.remat_policy={runtime.remat_policy!r}; expected 'none' or one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        self.cfg, self.runtime = cfg, runtime
+        pdt = jnp.dtype(runtime.param_dtype)
+        # One table, read by the embedding lookup; training masks its gradient to the mask-token row.
+        self.embedding = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
+                                   out_sharding=("vocab", "embed"))
+        # (buckets, heads); tiny, so replicated.
+        self.relative_attention_bias = nnx.Param(
+            nnx.initializers.normal(cfg.d_model ** -0.5)(
+                rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads), pdt),
+            out_sharding=(None, None))
+        self.layers = nnx.List([T5Layer(cfg, runtime, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon, param_dtype=runtime.param_dtype, rngs=rngs)
+
+    def position_bias(self, length: int) -> jax.Array:
+        """(1, H, L, L) float32 relative position bias, shared by all layers."""
+        buckets = relative_position_buckets(length, length, self.cfg.relative_attention_num_buckets,
+                                            self.cfg.relative_attention_max_distance)
+        table = self.relative_attention_bias[...].astype(jnp.float32)
+        return jnp.transpose(table[buckets], (2, 0, 1))[None]
+
+    def __call__(self, token_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None) -> jax.Array:
+        L = token_ids_BxL.shape[1]
+        dtype = jnp.dtype(self.runtime.dtype)
+        # Embedding rows are rounded to the compute dtype (as a bf16 torch model would), then
+        # carried in the float32 residual stream.
+        h = jnp.take(self.embedding[...], token_ids_BxL, axis=0).astype(dtype).astype(jnp.float32)
+        bias = self.position_bias(L)
+        if attention_mask_BxL is not None:
+            # Masked keys get the most negative float32, as transformers' additive mask does.
+            keep = attention_mask_BxL.astype(bool)[:, None, None, :]
+            bias = bias + jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)
+        h = self._run_layers(h, bias)
+        return self.final_norm(h).astype(jnp.float32)
+
+    def _run_layers(self, h: jax.Array, bias: jax.Array) -> jax.Array:
+        """All layers, as a Python loop or one lax.scan over per-layer states stacked here.
+
+        The stack is a transient copy of the layer parameters (the price of storing them
+        per layer, which keeps checkpoints and key maps independent of scan_layers).
+        """
+        graphdef, _ = nnx.split(self.layers[0])
+        states = [nnx.state(layer) for layer in self.layers]
+
+        def one_layer(h, state):
+            return nnx.merge(graphdef, state)(h, bias)
+
+        if self.runtime.remat_policy != "none":
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.runtime.remat_policy])
+        if not self.runtime.scan_layers:
+            for state in states:
+                h = one_layer(h, state)
+            return h
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        h, _ = jax.lax.scan(lambda h, state: (one_layer(h, state), None), h, stacked)
+        return h
