@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import dual_diffusion  # noqa: F401  (flax config)
-from dual_diffusion.convert.t5_keys import export_torch_state, load_torch_state, t5_rules
+from dual_diffusion.convert.keymap import export_torch_state, load_torch_state
+from dual_diffusion.convert.t5_keys import t5_rules
 from dual_diffusion.models.configs import Runtime, T5Config
 from dual_diffusion.models.t5 import T5Encoder, relative_position_buckets
 

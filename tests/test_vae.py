@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 
+from dual_diffusion.convert.keymap import load_torch_state
 from dual_diffusion.convert.vae_keys import vae_rules
 from dual_diffusion.models.configs import Runtime, VAEConfig, vae_to_diffusers
 from dual_diffusion.models.vae import AutoencoderKL, sample_posterior
@@ -36,33 +37,10 @@ def _torch_state(vae) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in vae.state_dict().items()}
 
 
-def _load(model: nnx.Module, weights: dict[str, np.ndarray], rules) -> None:
-    """Loads a numpy state dict by the rules, refusing missing, unused or misshapen tensors."""
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    missing_targets = set(flat) - {r.target for r in rules}
-    if missing_targets:
-        raise KeyError(f"no rule fills parameter(s) {sorted(missing_targets)[:5]}")
-    used, updates = set(), []
-    for rule in rules:
-        key = next((k for k in (rule.source,) + rule.aliases if k in weights), None)
-        if key is None:
-            raise KeyError(f"source key {rule.source!r} (or aliases {rule.aliases}) not in the state dict")
-        used.add(key)
-        value = rule.to_ours(weights[key])
-        var = flat[rule.target]
-        if value.shape != var.shape:
-            raise ValueError(f"{rule.source} -> {rule.target}: shape {value.shape}, parameter has {var.shape}")
-        updates.append((rule.target, var.replace(jnp.asarray(value, var.dtype))))
-    unused = set(weights) - used
-    if unused:
-        raise KeyError(f"state dict key(s) no rule reads: {sorted(unused)[:5]}")
-    nnx.update(model, nnx.from_flat_state(updates))
-
-
 def _pair(cfg: VAEConfig, runtime: Runtime = Runtime()):
     vae = _torch_vae(cfg)
     model = nnx.eval_shape(lambda: AutoencoderKL(cfg, runtime, rngs=nnx.Rngs(0)))  # no init: all is loaded
-    _load(model, _torch_state(vae), vae_rules(cfg))
+    load_torch_state(model, _torch_state(vae), vae_rules(cfg))
     return vae, model
 
 

@@ -9,8 +9,11 @@ for bit.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 # kind -> (torch -> ours, ours -> torch), both pure permutations.
 _LAYOUTS = {
@@ -48,3 +51,58 @@ class Rule:
 
     def torch_shape(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(self.to_torch(np.empty(our_shape, dtype=np.uint8)).shape)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor (tests); torch itself is never imported here
+        value = value.detach().cpu().float().numpy() if str(value.dtype) == "torch.bfloat16" else value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def load_torch_state(model: nnx.Module, state_dict: Mapping[str, Any], rules: Sequence[Rule], *,
+                     strict: bool = True, allow_missing: Iterable[tuple] = ()) -> nnx.Module:
+    """Writes a PyTorch-layout state dict (numpy arrays or torch tensors) into `model` in place.
+
+    Every model variable must be covered by a rule (except `allow_missing`
+    paths, e.g. the new parameters of a plain-SD3 initialisation); every rule
+    must find its source or an alias; shapes must match after the layout
+    change; with `strict`, every key of the state dict must be claimed.
+    Errors name the key, path and shapes. Values are cast to each variable's
+    dtype. Returns the model.
+    """
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    targets = {r.target for r in rules}
+    uncovered = sorted(map(str, set(flat) - targets - set(allow_missing)))
+    if uncovered:
+        raise KeyError(f"model variables with no rule: {uncovered[:8]}")
+    unknown = sorted(map(str, targets - set(flat)))
+    if unknown:
+        raise KeyError(f"rule targets not in the model: {unknown[:8]}")
+    claimed: set[str] = set()
+    missing, updates = [], []
+    for rule in rules:
+        names = (rule.source, *rule.aliases)
+        key = next((k for k in names if k in state_dict), None)
+        if key is None:
+            missing.append(rule.source)
+            continue
+        claimed.update(k for k in names if k in state_dict)
+        var = flat[rule.target]
+        value = rule.to_ours(_to_numpy(state_dict[key]))
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"{key}: converted shape {tuple(value.shape)} does not fit {rule.target} "
+                             f"of shape {tuple(var.shape)}")
+        updates.append((rule.target, var.replace(jnp.asarray(value, dtype=var.dtype))))
+    if missing:
+        raise KeyError(f"state dict lacks {len(missing)} tensor(s) the model needs: {missing[:8]}")
+    unexpected = sorted(set(state_dict) - claimed)
+    if strict and unexpected:
+        raise KeyError(f"state dict has {len(unexpected)} tensor(s) no rule maps: {unexpected[:8]}")
+    nnx.update(model, nnx.from_flat_state(updates))
+    return model
+
+
+def export_torch_state(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, np.ndarray]:
+    """The inverse of load_torch_state: {PyTorch key: numpy array in PyTorch layout}."""
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    return {r.source: r.to_torch(np.asarray(flat[r.target][...])) for r in rules}

@@ -9,11 +9,7 @@ and the pre-only block's 2-way text norm are dropped.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
-
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from typing import Iterable
 
 from dual_diffusion.convert.keymap import Rule
 from dual_diffusion.models.configs import MMDiTConfig
@@ -114,39 +110,3 @@ def sd3_init_plan(cfg: MMDiTConfig, source_keys: Iterable[str]) -> tuple[list[Ru
                          f"(num_layers={cfg.num_layers}, qk_norm={cfg.qk_norm}, "
                          f"dual_attention_layers={cfg.dual_attention_layers})")
     return used, new, dropped
-
-
-def load_state(model: nnx.Module, rules: list[Rule], state_dict: Mapping[str, np.ndarray],
-               allow_missing: Iterable[StatePath] = ()) -> None:
-    """Writes a PyTorch-layout state dict (numpy arrays) into `model` in place through `rules`.
-
-    Every rule source must be present and every model path covered (except
-    `allow_missing`, e.g. sd3_init_plan's new targets); shapes must match
-    exactly. Errors name the key, path and shapes.
-    """
-    flat = dict(nnx.to_flat_state(nnx.state(model)))
-    covered = {r.target for r in rules} | set(allow_missing)
-    missing_paths = sorted(map(str, set(flat) - covered))
-    if missing_paths:
-        raise ValueError(f"load_state: model paths with no rule: {missing_paths}")
-    unknown = sorted(map(str, {r.target for r in rules} - set(flat)))
-    if unknown:
-        raise ValueError(f"load_state: rule targets not in the model: {unknown}")
-    absent = sorted(r.source for r in rules if r.source not in state_dict)
-    if absent:
-        raise ValueError(f"load_state: source keys missing from the state dict: {absent}")
-    updates = []
-    for rule in rules:
-        var = flat[rule.target]
-        array = rule.to_ours(np.asarray(state_dict[rule.source]))
-        if tuple(array.shape) != tuple(var.shape):
-            raise ValueError(f"load_state: {rule.source!r} -> {rule.target}: shape {tuple(array.shape)} "
-                             f"(after {rule.kind} layout) != model shape {tuple(var.shape)}")
-        updates.append((rule.target, var.replace(jnp.asarray(array, dtype=var.dtype))))
-    nnx.update(model, nnx.from_flat_state(updates))
-
-
-def export_state(model: nnx.Module, rules: list[Rule]) -> dict[str, np.ndarray]:
-    """The model's parameters as a PyTorch-layout state dict of numpy arrays (exact inverse of load_state)."""
-    flat = dict(nnx.to_flat_state(nnx.state(model)))
-    return {r.source: r.to_torch(np.asarray(flat[r.target][...])) for r in rules}

@@ -95,3 +95,22 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+# Runtime.remat_policy -> what a rematerialised layer saves for the backward pass.
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def check_remat_policy(policy: str) -> None:
+    if policy != "none" and policy not in REMAT_POLICIES:
+        raise ValueError(f"Runtime.remat_policy={policy!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """`fn` wrapped in jax.checkpoint with the named policy ("none" returns fn unchanged)."""
+    check_remat_policy(policy)
+    return fn if policy == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[policy])

@@ -25,13 +25,8 @@ from flax import nnx
 from dual_diffusion.models.attention import attention
 from dual_diffusion.models.configs import MMDiTConfig, Runtime
 from dual_diffusion.models.embeddings import PatchEmbed, TimestepEmbedder
-from dual_diffusion.models.layers import KeyStream, Linear, RMSNorm, layer_norm, param, zeros
-
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+from dual_diffusion.models.layers import (KeyStream, Linear, RMSNorm, check_remat_policy, layer_norm, param, remat,
+                                          zeros)
 
 
 def _modulate(x_norm, shift_BxD, scale_BxD):
@@ -142,9 +137,7 @@ def _block_fn(graphdef, remat_policy: str):
     def fn(state, x, c, temb):
         return nnx.merge(graphdef, state)(x, c, temb)
 
-    if remat_policy == "none":
-        return fn
-    return jax.checkpoint(fn, policy=_REMAT_POLICIES[remat_policy])
+    return remat(fn, remat_policy)
 
 
 class MMDiT(nnx.Module):
@@ -156,9 +149,7 @@ class MMDiT(nnx.Module):
         if bad:
             raise ValueError(f"MMDiTConfig.dual_attention_layers={cfg.dual_attention_layers}: {bad} not in "
                              f"[0, {cfg.num_layers})")
-        if runtime.remat_policy != "none" and runtime.remat_policy not in _REMAT_POLICIES:
-            raise ValueError(f"Runtime.remat_policy={runtime.remat_policy!r}; expected 'none' or one of "
-                             f"{sorted(_REMAT_POLICIES)}")
+        check_remat_policy(runtime.remat_policy)
         self.cfg, self.runtime = cfg, runtime
         rngs = KeyStream(rngs.params())  # cheap key draws under tracing (see KeyStream)
         kw = dict(dtype=runtime.dtype, param_dtype=runtime.param_dtype, rngs=rngs)

@@ -24,14 +24,7 @@ from flax import nnx
 
 from dual_diffusion.models.attention import attention
 from dual_diffusion.models.configs import Runtime, T5Config
-from dual_diffusion.models.layers import Linear, RMSNorm
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
+from dual_diffusion.models.layers import Linear, RMSNorm, check_remat_policy, remat
 
 def relative_position_buckets(query_len: int, key_len: int, num_buckets: int, max_distance: int,
                               bidirectional: bool = True) -> np.ndarray:
@@ -111,9 +104,7 @@ class T5Encoder(nnx.Module):
     """T5 encoder: token ids (B, L) [+ attention mask (B, L), 1 = keep] -> float32 (B, L, d_model)."""
 
     def __init__(self, cfg: T5Config, runtime: Runtime = Runtime(), *, rngs: nnx.Rngs):
-        if runtime.remat_policy != "none" and runtime.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"Runtime.remat_policy={runtime.remat_policy!r}; expected 'none' or one of "
-                             f"{sorted(REMAT_POLICIES)}")
+        check_remat_policy(runtime.remat_policy)
         self.cfg, self.runtime = cfg, runtime
         pdt = jnp.dtype(runtime.param_dtype)
         # One table, read by the embedding lookup; training masks its gradient to the mask-token row.
@@ -160,8 +151,7 @@ class T5Encoder(nnx.Module):
         def one_layer(h, state):
             return nnx.merge(graphdef, state)(h, bias)
 
-        if self.runtime.remat_policy != "none":
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.runtime.remat_policy])
+        one_layer = remat(one_layer, self.runtime.remat_policy)
         if not self.runtime.scan_layers:
             for state in states:
                 h = one_layer(h, state)
