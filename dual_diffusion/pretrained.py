@@ -1,4 +1,4 @@
-"""load_pretrained: a converted checkpoint (or, later, a training workdir) -> jitted networks.
+"""load_pretrained: a converted checkpoint or a training workdir -> jitted networks.
 
     bundle = dual_diffusion.load_pretrained(DST, runtime=Runtime(), mesh=None, rules=None)
     velocity, logits = bundle.transformer(latents_NHWC_or_None, text_hidden_BxLx4096, timestep_B)
@@ -94,6 +94,19 @@ def _restore_component(path: Path, component: comp.Component, cfg, runtime: Runt
     return graphdef, state
 
 
+def _attach_callables(bundle: PretrainedBundle) -> None:
+    """Jitted transformer / text_encoder / vae handles over the bundle's states."""
+    if "transformer" in bundle.states:
+        bundle.transformer = _jitted(*bundle.module("transformer"), "__call__")
+    if "text_encoder" in bundle.states:
+        bundle.text_encoder = _jitted(*bundle.module("text_encoder"), "__call__")
+    if "vae" in bundle.states:
+        cfg = bundle.configs["vae"]
+        bundle.vae = VAEHandle(encode=_jitted(*bundle.module("vae"), "encode"),
+                               decode=_jitted(*bundle.module("vae"), "decode"), config=cfg,
+                               shift_factor=cfg.shift_factor, scaling_factor=cfg.scaling_factor)
+
+
 def _load_converted(path: Path, runtime: Runtime, mesh, rules, components: Sequence[str]) -> PretrainedBundle:
     info = comp.read_info(path)
     tok = info["tokenizer"]
@@ -106,15 +119,7 @@ def _load_converted(path: Path, runtime: Runtime, mesh, rules, components: Seque
         cfg = component.config_cls.from_dict(info["components"][name]["config"])
         graphdef, state = _restore_component(path, component, cfg, runtime, mesh, rules)
         bundle.configs[name], bundle.graphdefs[name], bundle.states[name] = cfg, graphdef, state
-    if "transformer" in bundle.states:
-        bundle.transformer = _jitted(*bundle.module("transformer"), "__call__")
-    if "text_encoder" in bundle.states:
-        bundle.text_encoder = _jitted(*bundle.module("text_encoder"), "__call__")
-    if "vae" in bundle.states:
-        cfg = bundle.configs["vae"]
-        bundle.vae = VAEHandle(encode=_jitted(*bundle.module("vae"), "encode"),
-                               decode=_jitted(*bundle.module("vae"), "decode"), config=cfg,
-                               shift_factor=cfg.shift_factor, scaling_factor=cfg.scaling_factor)
+    _attach_callables(bundle)
     return bundle
 
 
@@ -126,10 +131,79 @@ def _is_workdir(path: Path) -> bool:
     return (path / "model.json").is_file() and (path / "checkpoints").is_dir()
 
 
-def _load_workdir(path: Path, *args) -> PretrainedBundle:
-    # The layout is dual_diffusion/training/checkpointing.py's; its loader belongs in this table.
-    raise NotImplementedError(f"load_pretrained: {path} is a training workdir (model.json + checkpoints/); "
-                              "loading one is not implemented yet")
+def _workdir_tokenizer(path: Path, recorded: str) -> Tokenizer:
+    """The tokenizer model model.json names: as recorded, else relative to the workdir, else by name in it."""
+    candidates = [Path(recorded), path / recorded, path / Path(recorded).name] if recorded else []
+    for candidate in candidates:
+        if candidate.is_file():
+            return Tokenizer(candidate)
+    raise FileNotFoundError(f"load_pretrained: the tokenizer model {recorded!r} recorded in {path}/model.json "
+                            f"was found neither as given nor inside {path}")
+
+
+def _load_workdir(path: Path, runtime: Runtime, mesh, rules, components: Sequence[str]) -> PretrainedBundle:
+    """The latest checkpoint of a training workdir: EMA weights when the run keeps them, else the params.
+
+    A network's state = its trained part (checkpoints/<step>/state) + its frozen part
+    (WORKDIR/frozen, or the converted checkpoint the run started from).
+    """
+    import json
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from flax.nnx import traversals
+
+    info = json.loads((path / "model.json").read_text())
+    step = ocp.CheckpointManager(path / "checkpoints").latest_step()
+    if step is None:
+        raise FileNotFoundError(f"load_pretrained: {path}/checkpoints holds no complete checkpoint yet")
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(path / "checkpoints" / str(step) / "state")
+        frozen_dir = path / "frozen"
+        frozen = ckptr.restore(frozen_dir) if frozen_dir.exists() else None
+    trained = state.get("ema") or state["params"]
+    base = None
+    if frozen is None:
+        if not info.get("init_from"):
+            raise FileNotFoundError(f"load_pretrained: {path} has neither frozen/ nor an init_from checkpoint")
+        base = load_pretrained(info["init_from"], runtime, None, None, components)
+    tokenizer = base.tokenizer if base is not None else _workdir_tokenizer(path, info.get("tokenizer", ""))
+    sizes = {}
+    if (path / "config.json").is_file():  # the sizes the run trained at: defaults for sampling
+        data = json.loads((path / "config.json").read_text()).get("data", {})
+        sizes = {k: data[k] for k in ("image_size", "text_length") if k in data}
+    bundle = PretrainedBundle(path=path, tokenizer=tokenizer, configs={}, graphdefs={}, states={},
+                              info=dict(info, **sizes, step=int(step),
+                                        weights="ema" if state.get("ema") else "params"))
+    present = [name for name in components if name in info]
+    for name in present:
+        component = comp.COMPONENTS[name]
+        cfg = component.config_cls.from_dict(info[name])
+        graphdef, abstract_state = nnx.split(component.build_abstract(cfg, runtime))
+        variables = comp.flat_variables(abstract_state)
+        # Orbax restores list indices as strings: match paths on their string form.
+        key = lambda p: tuple(map(str, p))
+        flat = ({key(p): v for p, v in traversals.flatten_mapping(frozen.get(name) or {}).items()}
+                if frozen is not None else
+                {key(p): np.asarray(v[...]) for p, v in comp.flat_variables(base.states[name]).items()})
+        flat.update({key(p): v for p, v in traversals.flatten_mapping(trained.get(name) or {}).items()})
+        flat = {p: flat[key(p)] for p in variables if key(p) in flat}
+        missing = sorted(map(str, set(variables) - set(flat)))
+        if missing:
+            raise KeyError(f"load_pretrained: {path} (step {step}) lacks {name} variables {missing[:8]}")
+        if mesh is None:
+            shard = lambda p: jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            from dual_diffusion.sharding import DEFAULT_RULES, state_shardings
+
+            shard = lambda p: state_shardings(variables[p], mesh, rules or DEFAULT_RULES)
+        arrays = {p: jax.device_put(jnp.asarray(flat[p], jnp.dtype(runtime.param_dtype)
+                                                if isinstance(v, nnx.Param) else v.get_value().dtype), shard(p))
+                  for p, v in variables.items()}
+        bundle.configs[name], bundle.graphdefs[name] = cfg, graphdef
+        bundle.states[name] = nnx.from_flat_state([(p, v.replace(arrays[p])) for p, v in variables.items()])
+    _attach_callables(bundle)
+    return bundle
 
 
 # (description, detect(path) -> bool, load(path, runtime, mesh, rules, components) -> PretrainedBundle),

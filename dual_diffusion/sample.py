@@ -1,0 +1,211 @@
+r"""Sampling from the command line: text to image, in-painting, captions and VQA.
+
+  python -m dual_diffusion.sample --checkpoint=DIR --task=t2i --prompt="a red circle" [--prompts-file=F]
+      [--num-images=4] [--steps=28] [--cfg=7] [--seed=0] --out=grid.png
+  python -m dual_diffusion.sample --checkpoint=DIR --task=caption --image=a.png [--image=b.png]
+      [--length=128] [--steps=64] [--sampler=ancestral|confidence|semi_ar] [--out=captions.json]
+  python -m dual_diffusion.sample --checkpoint=DIR --task=vqa --image=a.png --question="what color is the circle?"
+  python -m dual_diffusion.sample --checkpoint=DIR --task=inpaint --image=a.png --mask=m.png --prompt="..." --out=x.png
+
+DIR is a converted checkpoint (tools/convert_sd3_weights.py) or a training
+workdir (its latest EMA weights). Images are resized (shorter side) and center
+cropped to the model's size; a mask is white where the image is regenerated.
+Bad arguments print `error: ...` and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TASKS = ("t2i", "caption", "vqa", "inpaint")
+
+
+class UsageError(Exception):
+    """A bad argument: reported as `error: ...`, exit status 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dual_diffusion.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
+    p.add_argument("--prompts-file", "--prompts_file", help="one prompt per line")
+    p.add_argument("--num-images", "--num_images", type=int, default=1, help="images per prompt")
+    p.add_argument("--negative-prompt", "--negative_prompt", default="", help="CFG's unconditional prompt")
+    p.add_argument("--image", action="append", default=[], help="input image (repeatable)")
+    p.add_argument("--mask", action="append", default=[], help="in-painting mask per image (white = regenerate)")
+    p.add_argument("--question", action="append", default=[], help="VQA question (one, or one per image)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 28 for images, 64 for text)")
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale for images")
+    p.add_argument("--shift", type=float, default=3.0, help="SD3 time shift of the image sampler")
+    p.add_argument("--sampler", default="ancestral", choices=("ancestral", "confidence", "semi_ar"))
+    p.add_argument("--length", type=int, help="caption length in tokens (default: the model's text length)")
+    p.add_argument("--min-new-tokens", "--min_new_tokens", type=int, default=0, help="EOS banned before this")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--image-size", "--image_size", type=int, help="default: the checkpoint's")
+    p.add_argument("--text-length", "--text_length", type=int, help="default: the checkpoint's")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG grid (t2i, inpaint) or JSON file (caption, vqa)")
+    return p.parse_args(argv)
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): RGB, shorter side resized (bicubic, antialiased), center crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = size / min(im.size)
+            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
+                           Image.Resampling.BICUBIC, reducing_gap=None)
+            left, top = (im.width - size) // 2, (im.height - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"cannot read image {path}: {e}") from None
+
+
+def save_grid(images: np.ndarray, path: str, columns: int) -> None:
+    """uint8 (N, S, S, 3) -> one PNG, `columns` images per row."""
+    from PIL import Image
+
+    n, s = len(images), images.shape[1]
+    rows = -(-n // columns)
+    grid = np.full((rows * s, columns * s, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * s:(r + 1) * s, c * s:(c + 1) * s] = im
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
+    if not prompts:
+        raise UsageError(f"--task={args.task} needs --prompt or --prompts-file")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise UsageError(f"prompt(s) {empty} are empty")
+    return prompts
+
+
+def _batches(items: list, size: int, desc: str):
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=len(items) <= size):
+        yield start, items[start:start + size]
+
+
+def _check(args) -> None:
+    if not Path(args.checkpoint).is_dir():
+        raise UsageError(f"--checkpoint={args.checkpoint}: no such folder")
+    needs_image = args.task in ("caption", "vqa", "inpaint")
+    if needs_image and not args.image:
+        raise UsageError(f"--task={args.task} needs --image")
+    for path in args.image + args.mask:
+        if not Path(path).is_file():
+            raise UsageError(f"no such file: {path}")
+    if args.task == "vqa" and (not args.question or len(args.question) not in (1, len(args.image))):
+        raise UsageError("--task=vqa needs one --question, or one per --image")
+    if args.task == "vqa" and any(not q.strip() for q in args.question):
+        raise UsageError("empty --question")
+    if args.task == "inpaint" and len(args.mask) != len(args.image):
+        raise UsageError(f"--task=inpaint needs one --mask per --image ({len(args.mask)} for {len(args.image)})")
+    for name in ("steps", "num_images", "batch_size", "length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}={value}: expected >= 1")
+
+
+def run(args) -> dict:
+    """Does the task; returns what was written (paths and/or texts)."""
+    _check(args)
+    from dual_diffusion.pipelines import ImageOptions, Pipeline, TextOptions
+    from dual_diffusion.pretrained import load_pretrained
+
+    try:
+        bundle = load_pretrained(args.checkpoint)
+    except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as e:
+        raise UsageError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
+    pipe = Pipeline.from_bundle(bundle, image_size=args.image_size, text_length=args.text_length)
+    states = bundle.states
+    result: dict = {"checkpoint": args.checkpoint, "task": args.task}
+
+    if args.task in ("t2i", "inpaint"):
+        opts = ImageOptions(steps=args.steps or 28, cfg_scale=args.cfg, shift=args.shift)
+        prompts = _prompts(args)
+        if args.task == "t2i":
+            jobs = [p for p in prompts for _ in range(args.num_images)]
+            out = []
+            for start, batch in _batches(jobs, args.batch_size, "images"):
+                try:
+                    out.append(pipe.text_to_image(states, batch, seed=args.seed + start, opts=opts,
+                                                  negative_prompts=[args.negative_prompt] * len(batch)))
+                except ValueError as e:
+                    raise UsageError(str(e)) from None
+            columns = args.num_images if args.num_images > 1 else min(len(jobs), 8)
+        else:
+            if len(prompts) not in (1, len(args.image)):
+                raise UsageError("--task=inpaint needs one --prompt, or one per --image")
+            prompts = prompts * len(args.image) if len(prompts) == 1 else prompts
+            images = np.stack([read_image(p, pipe.image_size) for p in args.image])
+            keep = np.stack([read_image(m, pipe.image_size).mean(-1) < 128 for m in args.mask])
+            try:
+                out = [pipe.inpaint(states, images, keep, prompts, seed=args.seed, opts=opts)]
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            columns = min(len(prompts), 8)
+        images = np.concatenate(out)
+        path = args.out or f"{args.task}.png"
+        save_grid(images, path, columns)
+        result.update(prompts=prompts, images=len(images), out=path)
+    else:
+        opts = TextOptions(steps=args.steps or 64, method=args.sampler, temperature=args.temperature,
+                           min_new_tokens=args.min_new_tokens)
+        images = [read_image(p, pipe.image_size) for p in args.image]
+        questions = (args.question * len(images) if len(args.question) == 1 else args.question) \
+            if args.task == "vqa" else None
+        texts = []
+        for start, batch in _batches(list(range(len(images))), args.batch_size, args.task):
+            ims = np.stack([images[i] for i in batch])
+            try:
+                if args.task == "caption":
+                    texts += pipe.caption(states, ims, seed=args.seed + start, length=args.length, opts=opts)
+                else:
+                    texts += pipe.answer(states, ims, [questions[i] for i in batch], seed=args.seed + start,
+                                         opts=opts)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        key = "captions" if args.task == "caption" else "answers"
+        result[key] = [dict(image=p, **({"question": q} if questions else {}), text=t)
+                       for p, q, t in zip(args.image, questions or [None] * len(texts), texts)]
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+            result["out"] = args.out
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
