@@ -1,0 +1,141 @@
+"""Orbax checkpoints of a training workdir, resume, and the workdir's model description.
+
+Workdir layout (what `load_pretrained(WORKDIR)` and a resumed run read):
+  WORKDIR/config.json          the full training config (ml_collections -> JSON)
+  WORKDIR/model.json           architectures {transformer, text_encoder, vae?}, latent_space,
+                               mask_id, tokenizer model file, init_from
+  WORKDIR/checkpoints/<step>/  Orbax: `state` (step, params, opt_state, ema, rng, nonfinite)
+                               and `data` (the grain iterator's position)
+  WORKDIR/frozen/              frozen weights (T5 minus its trained part, VAE, buffers), written once
+                               when training from scratch; with init_from they come from that folder
+Orbax writes each step into a temporary folder and renames it when complete,
+so a run killed mid-save leaves no step that `latest_step` would pick up.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def _grain_args(data_iter, restore: bool):
+    import grain
+    return grain.checkpoint.CheckpointRestore(data_iter) if restore else grain.checkpoint.CheckpointSave(data_iter)
+
+
+def _drop_none(state: dict) -> dict:
+    return {k: v for k, v in state.items() if v is not None}
+
+
+class Checkpointer:
+    """CheckpointManager over WORKDIR/checkpoints: keep the last `keep`, optional async saves."""
+
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        import grain
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, data_iter=None, *, force: bool = True) -> bool:
+        """Saves `step` (asynchronously when enabled); a step already saved is left as it is."""
+        if step in self.manager.all_steps():
+            return False
+        items = {"state": ocp.args.StandardSave(_drop_none(state))}
+        if data_iter is not None:
+            items["data"] = _grain_args(data_iter, restore=False)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: dict, data_iter=None) -> dict:
+        """The state at `step`, laid out and sharded like `abstract_state`; restores `data_iter` in place.
+
+        Any failure is raised with the step and folder named: never a silent fresh start.
+        """
+        items = {"state": ocp.args.StandardRestore(_drop_none(abstract_state))}
+        if data_iter is not None:
+            items["data"] = _grain_args(data_iter, restore=True)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # re-raised with context; training must not continue from scratch
+            raise RuntimeError(f"checkpoint restore failed for step {step} in {self.directory}: "
+                               f"{type(e).__name__}: {e}") from e
+        state = dict(restored["state"])
+        for k, v in abstract_state.items():
+            state.setdefault(k, None if v is None else state.get(k))
+        return state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host once one host was told it will be preempted (multi-host sync point)."""
+        return self.manager.reached_preemption(step)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------- frozen weights
+def save_frozen(workdir: str | Path, frozen: dict) -> None:
+    path = Path(workdir).absolute() / "frozen"
+    if path.exists():
+        return
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, frozen)
+
+
+def restore_frozen(workdir: str | Path, abstract_frozen: dict) -> dict | None:
+    path = Path(workdir).absolute() / "frozen"
+    if not path.exists():
+        return None
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path, abstract_frozen)
+        except Exception as e:
+            raise RuntimeError(f"restoring frozen weights from {path} failed: {type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------- workdir description
+def check_workdir(workdir: str | Path) -> Path:
+    """Creates WORKDIR if needed; a path that exists and is not a directory is an error."""
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--workdir={workdir}: exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"--workdir={workdir}: not writable")
+    return path
+
+
+def write_workdir_json(workdir: str | Path, config, model_json: dict[str, Any]) -> None:
+    """Writes config.json and model.json (process 0 only); compares them with an existing run's."""
+    if jax.process_index() != 0:
+        return
+    path = Path(workdir)
+    model_file = path / "model.json"
+    model_json = json.loads(json.dumps(model_json))  # tuples -> lists, as the file holds them
+    if model_file.exists():
+        old = json.loads(model_file.read_text())
+        for name in ("transformer", "text_encoder", "vae", "latent_space"):
+            if old.get(name) != model_json.get(name):
+                raise ValueError(f"--workdir={workdir} holds a run with a different model.{name} "
+                                 f"({old.get(name)} != {model_json.get(name)}); use a new workdir")
+    _atomic_write(model_file, json.dumps(model_json, indent=2, sort_keys=True))
+    _atomic_write(path / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+    logging.info("wrote %s and config.json", model_file)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,123 @@
+"""The dual loss (REFERENCE.md, Objectives): L = L_image + lambda L_text.
+
+A pure function of a batch and three network callables, so it can be read and
+tested without any real network:
+  encode_text(ids_BxL) -> hidden_BxLxD          (frozen T5, except the mask row)
+  encode_image(images_NHWC) -> latents_NHWC     (frozen VAE: (mean - shift) * scale, or pixels)
+  denoise(latents, hidden, timestep_B) -> (velocity, logits)   (the MM-DiT)
+
+Image half (t2i pairs): x_s = (1 - s) x + s e with s logit-normal; T5 sees the
+clean caption, replaced by the empty prompt with probability caption_dropout.
+Text half (i2t pairs): the image is clean (timestep 0); T5 sees the masked ids
+(antithetic t, never masking `fixed_mask` positions); the loss counts
+`label_mask` positions (answer tokens only in stage 3: the data sets the mask).
+With `fused`, both halves go through T5 and the MM-DiT as one batch of 2B.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dual_diffusion.diffusion import flow, masked
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    mask_id: int
+    null_id: int  # the empty prompt: every position EOS (the pipeline pads captions with EOS)
+    lambda_text: float = 0.2
+    image_form: str = "x_pred"  # "x_pred" (release) or "velocity" (paper)
+    timestep_kind: str = "logit_normal"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    caption_dropout: float = 0.1
+    text_schedule: str = "loglinear"
+    text_eps: float = 1e-3
+    fused: bool = True
+
+    @classmethod
+    def from_config(cls, loss_cfg, mask_id: int, null_id: int) -> "LossConfig":
+        fields = {f.name for f in dataclasses.fields(cls)} - {"mask_id", "null_id"}
+        return cls(mask_id=mask_id, null_id=null_id, **{k: v for k, v in loss_cfg.items() if k in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    encode_text: Callable
+    encode_image: Callable
+    denoise: Callable
+
+
+def corrupt(batch: dict, rng: jax.Array, cfg: LossConfig, latent_shape: tuple) -> dict:
+    """All randomness of a step, drawn for the global batch (so microbatching changes nothing).
+
+    Returns {s_B, noise (B, *latent_shape), caption_ids, t_B, noisy_ids}.
+    """
+    t2i, i2t = batch["t2i"], batch["i2t"]
+    rng_s, rng_noise, rng_drop, rng_t, rng_mask = jax.random.split(rng, 5)
+    B = t2i["text_ids"].shape[0]
+    if i2t["text_ids"].shape[0] != B:
+        raise ValueError(f"dual_loss: t2i batch {B} != i2t batch {i2t['text_ids'].shape[0]}; the halves must match")
+    null_L = jnp.full(t2i["text_ids"].shape[1:], cfg.null_id, t2i["text_ids"].dtype)
+    t_B = masked.antithetic_times(rng_t, B, cfg.text_eps)
+    return dict(
+        s_B=flow.sample_timesteps(rng_s, B, cfg.timestep_kind, cfg.timestep_mean, cfg.timestep_std),
+        noise=jax.random.normal(rng_noise, (B,) + tuple(latent_shape), jnp.float32),
+        caption_ids=flow.drop_captions(rng_drop, t2i["text_ids"], null_L, cfg.caption_dropout),
+        t_B=t_B,
+        noisy_ids=masked.mask_tokens(rng_mask, i2t["text_ids"], t_B, cfg.mask_id,
+                                     masked.Schedule(cfg.text_schedule, cfg.text_eps), ~i2t["fixed_mask"]),
+    )
+
+
+def per_example_losses(nets: Networks, batch: dict, noised: dict, cfg: LossConfig) -> tuple[jax.Array, jax.Array]:
+    """(loss_image_B, loss_text_B) float32 for a (micro)batch and its slice of `corrupt`'s draws."""
+    t2i, i2t = batch["t2i"], batch["i2t"]
+    B = t2i["text_ids"].shape[0]
+    x0, clean = encode_image_halves(nets, t2i["image"], i2t["image"], cfg.fused)
+    s_B, noise = noised["s_B"], noised["noise"].astype(x0.dtype)
+    x_s = flow.add_noise(x0, noise, s_B)
+    timesteps = (flow.timestep_for_network(s_B), jnp.zeros((B,), jnp.float32))
+    if cfg.fused:
+        hidden = nets.encode_text(jnp.concatenate([noised["caption_ids"], noised["noisy_ids"]]))
+        velocity, logits = nets.denoise(jnp.concatenate([x_s, clean]), hidden, jnp.concatenate(timesteps))
+        velocity, logits = velocity[:B], logits[B:]
+    else:
+        velocity, _ = nets.denoise(x_s, nets.encode_text(noised["caption_ids"]), timesteps[0])
+        _, logits = nets.denoise(clean, nets.encode_text(noised["noisy_ids"]), timesteps[1])
+    loss_image_B = flow.flow_loss(velocity, x0, noise, s_B, x_s, form=cfg.image_form)
+    loss_text_B = masked.masked_diffusion_loss(
+        logits, i2t["text_ids"], noised["noisy_ids"], noised["t_B"], cfg.mask_id,
+        masked.Schedule(cfg.text_schedule, cfg.text_eps), label_mask_BxL=i2t["label_mask"])
+    return loss_image_B, loss_text_B
+
+
+def combine(loss_image: jax.Array, loss_text: jax.Array, cfg: LossConfig) -> dict:
+    loss = loss_image + cfg.lambda_text * loss_text
+    return {"loss": loss, "loss_image": loss_image, "loss_text": loss_text}
+
+
+def dual_loss(nets: Networks, batch: dict, rng: jax.Array, cfg: LossConfig) -> tuple[jax.Array, dict]:
+    """Scalar loss and float32 metrics {loss, loss_image, loss_text} for one batch."""
+    shape = latent_shape(nets, batch["t2i"]["image"])
+    li, lt = per_example_losses(nets, batch, corrupt(batch, rng, cfg, shape), cfg)
+    metrics = combine(jnp.mean(li), jnp.mean(lt), cfg)
+    return metrics["loss"], metrics
+
+
+def latent_shape(nets: Networks, images_NHWC) -> tuple:
+    """Per-example latent shape, without running the encoder."""
+    one = jax.ShapeDtypeStruct((1,) + images_NHWC.shape[1:], images_NHWC.dtype)
+    return tuple(jax.eval_shape(nets.encode_image, one).shape[1:])
+
+
+def encode_image_halves(nets: Networks, t2i_images, i2t_images, fused: bool):
+    """Latents of both halves' images (the VAE is frozen: no gradient flows into it)."""
+    if fused:
+        both = jax.lax.stop_gradient(nets.encode_image(jnp.concatenate([t2i_images, i2t_images])))
+        return both[: t2i_images.shape[0]], both[t2i_images.shape[0]:]
+    return (jax.lax.stop_gradient(nets.encode_image(t2i_images)),
+            jax.lax.stop_gradient(nets.encode_image(i2t_images)))

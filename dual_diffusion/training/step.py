@@ -1,0 +1,111 @@
+"""The jitted train step: both losses, one optax update, EMA, non-finite skip.
+
+`make_train_step(plan, loss_cfg, ...)` returns `step(state, frozen, batch) ->
+(state, metrics)`, jitted with the plan's shardings and the state donated.
+Compute dtype comes from Runtime.dtype inside the networks; the params in the
+state stay float32 (master weights). With `microbatches = n`, the global batch
+is split into n strided slices (every device keeps its share of each slice),
+gradients are summed over a lax.scan and averaged.
+
+A step whose loss or gradient norm is not finite leaves params, optimizer and
+EMA untouched and increments `state["nonfinite"]` (the step counter still moves,
+so data and RNG stay aligned with an uninterrupted run).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dual_diffusion.training.loss import LossConfig, Networks, combine, corrupt, latent_shape, per_example_losses
+from dual_diffusion.training.state import Plan, apply_mask, update_mask
+
+
+def make_networks(plan: Plan, params: dict, frozen: dict, latent_shift: float, latent_scale: float) -> Networks:
+    transformer = plan.split.merge("transformer", params, frozen)
+    text_encoder = plan.split.merge("text_encoder", params, frozen)
+    if "vae" in plan.split.graphdefs:
+        vae = plan.split.merge("vae", params, frozen)
+        encode_image = lambda images: (vae.encode(images).astype(jnp.float32) - latent_shift) * latent_scale
+    else:  # pixel space (demo): the [-1, 1] image is the latent
+        encode_image = lambda images: images.astype(jnp.float32)
+    return Networks(encode_text=text_encoder, encode_image=encode_image, denoise=transformer)
+
+
+def _split_microbatches(batch: dict, n: int) -> dict:
+    """(B, ...) -> (n, B/n, ...), slice j = rows j, j+n, j+2n, ... (a strided slice stays spread over devices)."""
+    def one(x):
+        if x.shape[0] % n:
+            raise ValueError(f"train.microbatches={n} does not divide the batch dimension {x.shape[0]}")
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+    return jax.tree.map(one, batch)
+
+
+def loss_and_grads(plan: Plan, loss_cfg: LossConfig, params, frozen, batch, rng, microbatches: int,
+                   latent_shift: float, latent_scale: float):
+    """Mean loss, metrics and gradients; the randomness is drawn once for the global batch."""
+    nets = lambda p: make_networks(plan, p, frozen, latent_shift, latent_scale)
+    noised = corrupt(batch, rng, loss_cfg, latent_shape(nets(params), batch["t2i"]["image"]))
+
+    def loss_fn(p, mb, nz):
+        loss_image_B, loss_text_B = per_example_losses(nets(p), mb, nz, loss_cfg)
+        metrics = combine(jnp.mean(loss_image_B), jnp.mean(loss_text_B), loss_cfg)
+        return metrics["loss"], metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (_, metrics), grads = grad_fn(params, batch, noised)
+        return metrics, grads
+
+    def body(carry, xs):
+        (_, metrics), grads = grad_fn(params, *xs)
+        acc_g, acc_m = carry
+        return (jax.tree.map(jnp.add, acc_g, grads), jax.tree.map(jnp.add, acc_m, metrics)), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "loss_image", "loss_text")}
+    xs = (_split_microbatches(batch, microbatches), _split_microbatches(noised, microbatches))
+    (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), xs)
+    scale = 1.0 / microbatches
+    return jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(lambda g: g * scale, grads)
+
+
+def train_step(state: dict, frozen: dict, batch: dict, *, plan: Plan, loss_cfg: LossConfig, microbatches: int,
+               ema_decay: float, latent_shift: float = 0.0, latent_scale: float = 1.0) -> tuple[dict, dict]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    params = state["params"]
+    metrics, grads = loss_and_grads(plan, loss_cfg, params, frozen, batch, rng, microbatches,
+                                    latent_shift, latent_scale)
+    mask = update_mask(params, plan.split, plan.mask_id)
+    grads = apply_mask(grads, mask)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = plan.tx.update(grads, state["opt_state"], params)
+    updates = apply_mask(updates, mask)  # weight decay must not move frozen rows either
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new = dict(state)
+    new["step"] = state["step"] + 1
+    new["params"] = keep(new_params, params)
+    new["opt_state"] = keep(opt_state, state["opt_state"])
+    if state["ema"] is not None:
+        ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state["ema"], new_params)
+        new["ema"] = keep(ema, state["ema"])
+    new["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
+    lr = plan.schedule(state["step"])  # the rate this step used (skipped steps included)
+    out = dict(metrics, grad_norm=grad_norm, lr=jnp.asarray(lr, jnp.float32), finite=finite,
+               nonfinite_total=new["nonfinite"])
+    return new, out
+
+
+def make_train_step(plan: Plan, loss_cfg: LossConfig, batch_shardings: Any, *, microbatches: int = 1,
+                    ema_decay: float = 0.0, latent_shift: float = 0.0, latent_scale: float = 1.0):
+    """The jitted step(state, frozen, batch) -> (state, metrics); `state` is donated."""
+    fn = lambda state, frozen, batch: train_step(
+        state, frozen, batch, plan=plan, loss_cfg=loss_cfg, microbatches=microbatches, ema_decay=ema_decay,
+        latent_shift=latent_shift, latent_scale=latent_scale)
+    return jax.jit(fn, in_shardings=(plan.state_shardings, plan.frozen_shardings, batch_shardings),
+                   out_shardings=(plan.state_shardings, None), donate_argnums=(0,))

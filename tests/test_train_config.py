@@ -1,0 +1,108 @@
+"""Training configs: stage files build, bad keys / values / paths fail before any compile, naming the key."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dual_diffusion  # noqa: F401
+from dual_diffusion.training import checkpointing
+from dual_diffusion.training.config_check import ConfigError, check_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import demo, stage1, stage2, stage3  # noqa: E402
+
+
+@pytest.mark.parametrize("module", [stage1, stage2, stage3, demo])
+def test_stage_configs_are_valid_and_locked(module):
+    c = module.get_config()
+    check_config(c, num_devices=8, dry_run=True)
+    with pytest.raises(AttributeError, match="batchsize"):
+        c.train.batchsize = 3  # a typo is an error, not a new key
+    for key in ("train.num_steps", "train.log_every", "checkpoint.every_steps", "mesh.data", "mesh.fsdp",
+                "mesh.tensor"):
+        node = c
+        for part in key.split("."):
+            node = node[part]
+        assert isinstance(node, int), key
+    assert "init_from" in c
+
+
+def _errors(**changes):
+    c = demo.get_config()
+    with c.unlocked():
+        for key, value in changes.items():
+            node = c
+            *parents, leaf = key.split("__")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    with pytest.raises(ConfigError) as e:
+        check_config(c, num_devices=8)
+    return str(e.value)
+
+
+def test_bad_values_name_their_key():
+    assert "config.optimizer.lr=-1.0" in _errors(optimizer__lr=-1.0)
+    assert "config.runtime.dtype='fp17'" in _errors(runtime__dtype="fp17")
+    assert "config.ema.decay=1.5" in _errors(ema__decay=1.5)
+    msg = _errors(mesh__data=3, mesh__fsdp=-1)
+    assert "config.mesh" in msg and "8 devices" in msg
+    assert "config.train.microbatches=3" in _errors(train__microbatches=3)
+    assert "joint_attention_dim" in _errors(model__transformer__joint_attention_dim=48)
+
+
+def test_missing_init_from_is_an_error():
+    assert "config.init_from='/nonexistent/ckpt'" in _errors(init_from="/nonexistent/ckpt")
+
+
+def test_workdir_that_is_a_file_is_an_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError, match="--workdir"):
+        checkpointing.check_workdir(f)
+
+
+def _train(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run([sys.executable, "-m", "dual_diffusion.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_command_line_rejects_unknown_key_and_bad_workdir(tmp_path):
+    r = _train("--config=configs/demo.py", "--workdir", str(tmp_path), "--config.train.batchsize=8")
+    assert r.returncode != 0 and "batchsize" in r.stderr
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = _train("--config=configs/demo.py", f"--workdir={f}")
+    assert r.returncode != 0 and "not a directory" in r.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_stage2_reports_release_parameter_counts():
+    r = _train("--config=configs/stage2.py", "--dry_run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["params"] == {"transformer": 2_102_856_100, "text_encoder": 4_762_310_656, "vae": 83_819_683}
+    per_dev = report["bytes_per_device"]
+    # fsdp over 8 devices: the trainable float32 weights (MM-DiT + T5 embedding) split 8 ways.
+    assert per_dev["params"] == pytest.approx((2_102_856_100 + 32128 * 4096) * 4 / 8, rel=0.01)
+    assert per_dev["optimizer"] == pytest.approx(2 * per_dev["params"], rel=0.01)
+    assert per_dev["ema"] == per_dev["params"]
+
+
+def test_failed_restore_is_an_error_not_a_fresh_start(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, {"step": jnp.ones((), jnp.int32), "params": {"w": jnp.ones((4,))}})
+    ckpt.wait()
+    wrong = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}}
+    with pytest.raises(RuntimeError, match="restore failed for step 1"):
+        ckpt.restore(1, wrong)
+    ckpt.close()
