@@ -1,0 +1,420 @@
+r"""Speed of D-DiT with random weights and synthetic inputs: train step, text to image, captioning, VQA, data.
+
+  python -m dual_diffusion.benchmark --config=configs/stage2.py --what=train,t2i,caption [--batch=4]
+  python -m dual_diffusion.benchmark --config=configs/demo.py --what=train --batch=2 --iters=1   # CPU, tiny
+
+Prints one JSON line per measurement (stdout; logs go to stderr): seconds per call,
+samples / images / tokens per second, FLOPs per call counted as the PyTorch anchor
+counts them (dual_diffusion/flops.py), achieved TFLOP/s, MFU against an H100's
+989.4 TFLOP/s bf16 dense peak (per device), peak device memory, lower + compile
+time, and the config facts. Each call is compiled once ahead of time, run
+`--warmup` times, then timed over `--iters` calls ending in block_until_ready.
+
+The measured paths match /work/shared/bench/torch_anchor.py (run it on the same
+machine in the same sitting, launch/bench_gpu.sh):
+  train    the dual-loss step of training/step.py on latents (the VAE is not in
+           the step, as in the anchor): T5 on the captions and on the masked ids,
+           MM-DiT forward + backward of both halves, AdamW (+ EMA if configured).
+  t2i      T5 on prompt and empty prompt, `--t2i_steps` Euler steps with CFG as one
+           MM-DiT call on 2B rows per step (no VAE decode, as in the anchor).
+  caption  `--caption_length` tokens from all-masked by `--sampler` in
+           `--caption_steps` steps (the release: ancestral with caching, 128 / 64).
+  vqa      the same network, `--vqa_prompt_tokens` fixed prompt ids, the rest of
+           the text length generated in `--vqa_steps` steps.
+  data     the input pipeline on synthetic JPEGs (data/bench.py), no device work.
+Weights: abstract init + one jitted init (no checkpoint); the frozen T5 in
+`--frozen_dtype`; the samplers cast the weights to the compute dtype once per
+call. Peak memory is the process's peak so far: run one --what per process for
+a clean figure (launch/bench_gpu.sh does).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import dual_diffusion  # noqa: F401  (sets flax flags before any module is built)
+import jax
+import jax.numpy as jnp
+
+from dual_diffusion import flops, sharding
+from dual_diffusion.diffusion.image_sampling import sample_images
+from dual_diffusion.diffusion.masked import Schedule
+from dual_diffusion.diffusion.text_sampling import METHODS, sample_text
+from dual_diffusion.models.attention import resolve_impl
+from dual_diffusion.models.configs import MMDiTConfig, T5Config
+from dual_diffusion.training.loss import LossConfig
+from dual_diffusion.training.state import make_plan, model_configs
+from dual_diffusion.training.step import make_train_step
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); --config.KEY=VALUE overrides.",
+                                lock_config=True)
+flags.DEFINE_string("what", "train,t2i,caption", "Comma list of train, t2i, caption, vqa, data.")
+flags.DEFINE_string("batch", "", "Comma list of batch sizes for every --what; empty: the anchor's sizes "
+                    "(train 4, t2i 1,4, caption 1,8, vqa 1,8, data 32).")
+flags.DEFINE_integer("iters", 5, "Timed calls per measurement.")
+flags.DEFINE_integer("warmup", 2, "Untimed calls after compiling (the anchor makes 2).")
+flags.DEFINE_integer("image_size", 0, "Image size in pixels; 0: config.data.image_size.")
+flags.DEFINE_integer("text_length", 0, "Text tokens for train / t2i / vqa; 0: config.data.text_length.")
+flags.DEFINE_integer("t2i_steps", 28, "Euler steps of text to image.")
+flags.DEFINE_float("cfg_scale", 7.0, "Classifier-free guidance scale of text to image.")
+flags.DEFINE_string("sampler", "ancestral", "Text sampler for caption / vqa: ancestral | confidence | semi_ar.")
+flags.DEFINE_integer("caption_length", 128, "Caption tokens.")
+flags.DEFINE_integer("caption_steps", 64, "Caption sampling steps.")
+flags.DEFINE_integer("vqa_prompt_tokens", 32, "Fixed prompt tokens of a VQA row (the rest is generated).")
+flags.DEFINE_integer("vqa_steps", 16, "VQA sampling steps.")
+flags.DEFINE_enum("frozen_dtype", "compute", ["compute", "float32", "bfloat16"],
+                  "dtype of the frozen weights (T5); 'compute': runtime.dtype (they are cast to it on use anyway).")
+flags.DEFINE_integer("data_workers", 2, "Worker processes for --what=data.")
+
+WHATS = ("train", "t2i", "caption", "vqa", "data")
+DEFAULT_BATCHES = {"train": (4,), "t2i": (1, 4), "caption": (1, 8), "vqa": (1, 8), "data": (32,)}
+H100_BF16_DENSE = 989.4e12  # FLOP/s, the anchor's MFU denominator
+
+
+# --------------------------------------------------------------------------- setup
+def bench_config(config, image_size: int = 0, text_length: int = 0):
+    """A copy of `config` as benchmarked: vocab sizes resolved without a tokenizer, latents fed directly.
+
+    Returns (config, latent_side, text_length). The VAE is left out of every measured path (as in
+    the anchor): `latent_space` becomes "pixels" with the transformer's input channels, so the step
+    sees (B, latent_side, latent_side, in_channels) latents.
+    """
+    c = copy.deepcopy(config)
+    image_size = image_size or int(c.data.image_size)
+    text_length = text_length or int(c.data.text_length)
+    down = 8 if c.model.latent_space == "vae" else 1
+    if image_size % down:
+        raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling {down}")
+    with c.unlocked():
+        for key in ("transformer", "text_encoder"):
+            if c.model[key].vocab_size == -1:  # demo: len(tokenizer) of the tokenizer it would train
+                c.model[key].vocab_size = int(c.tokenizer.train_vocab_size)
+        if image_size != int(c.data.image_size):
+            c.model.transformer.sample_size = image_size // down
+        c.data.image_size, c.data.text_length = image_size, text_length
+        c.model.latent_space = "pixels"
+    return c, image_size // down, text_length
+
+
+def special_ids(c) -> tuple[int, int]:
+    """(mask_id, eos_id) without a tokenizer: T5's <extra_id_0> = vocab - 1 and EOS = 1."""
+    return int(c.model.transformer.vocab_size) - 1, 1
+
+
+class Bench:
+    """Plan, random weights and config facts shared by the measurements of one config."""
+
+    def __init__(self, config, image_size: int = 0, text_length: int = 0, frozen_dtype: str = "compute"):
+        self.config, self.latent_side, self.text_length = bench_config(config, image_size, text_length)
+        c = self.config
+        self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        self.rules = tuple(tuple(r) for r in c.sharding.rules)
+        self.mask_id, self.eos_id = special_ids(c)
+        arch = model_configs(c)
+        self.mmdit_cfg = MMDiTConfig.from_dict(arch["transformer"])
+        self.t5_cfg = T5Config.from_dict(arch["text_encoder"])
+        self.channels = self.mmdit_cfg.in_channels
+        rt = c.runtime
+        self.frozen_dtype = rt.dtype if frozen_dtype == "compute" else frozen_dtype
+        mmdit_attn = resolve_impl(rt.attention_impl, rt.dtype)
+        self.facts = dict(
+            image_size=int(c.data.image_size), latent_side=self.latent_side, text_length=self.text_length,
+            dtype=rt.dtype, param_dtype=rt.param_dtype, frozen_dtype=self.frozen_dtype,
+            # T5's attention has a bias (relative positions), which the cuDNN path does not take.
+            attention_impl=dict(config=rt.attention_impl, mmdit=mmdit_attn,
+                                t5="xla" if mmdit_attn == "cudnn" else mmdit_attn),
+            scan_layers=bool(rt.scan_layers), remat_policy=rt.remat_policy, loss_fused=bool(c.loss.fused),
+            ema=float(c.ema.decay) > 0, microbatches=int(c.train.microbatches), mesh=dict(self.mesh.shape),
+            num_devices=jax.device_count(), device=jax.devices()[0].device_kind, jax=jax.__version__)
+        self._plan = None
+
+    @property
+    def plan(self):
+        if self._plan is None:
+            self._plan = make_plan(self.config, self.mesh, self.rules, self.mask_id)
+            self.facts["params"] = dict(self._plan.param_counts)
+        return self._plan
+
+    def check_batch(self, batch: int) -> None:
+        axes = sharding.logical_to_mesh_spec(("batch",), self.rules)[0]
+        size = math.prod(self.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        if batch % size:
+            raise ValueError(f"--batch={batch} is not divisible by the {size} devices the batch is sharded over "
+                             f"(mesh {dict(self.mesh.shape)})")
+
+    def batch_sharding(self, ndim: int):
+        return sharding.batch_sharding(self.mesh, self.rules, ndim)
+
+    def _init(self, pick, out_shardings):
+        """One jitted init: the frozen T5 is cast inside it, so its float32 copy never exists in full."""
+        plan, dtype = self.plan, self.frozen_dtype
+        cast = lambda f: {k: cast_floats(v, dtype) if k == "text_encoder" else v for k, v in f.items()}
+        return jax.jit(lambda: pick(*plan.init_fn(), cast), out_shardings=out_shardings)()
+
+    def train_state(self):
+        """(train state, frozen weights) at step 0."""
+        return self._init(lambda s, f, cast: (s, cast(f)), (self.plan.state_shardings, self.plan.frozen_shardings))
+
+    def inference_weights(self):
+        """(params, frozen) without optimizer state or EMA (XLA drops them from the jitted init)."""
+        return self._init(lambda s, f, cast: (s["params"], cast(f)),
+                          (self.plan.state_shardings["params"], self.plan.frozen_shardings))
+
+    def networks(self, params, frozen):
+        split = self.plan.split
+        return split.merge("transformer", params, frozen), split.merge("text_encoder", params, frozen)
+
+    def random_ids(self, key, shape):
+        # Ordinary tokens only: never the mask id, never pad / EOS / unk.
+        return jax.random.randint(key, shape, 3, self.mask_id, dtype=jnp.int32)
+
+    def random_latents(self, key, batch: int):
+        shape = (batch, self.latent_side, self.latent_side, self.channels)
+        return jax.random.normal(key, shape, jnp.float32)
+
+
+def cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+# --------------------------------------------------------------------------- timing
+def memory_gib() -> float | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # some backends do not implement it
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2 ** 30
+
+
+def compile_ahead(jitted, *args):
+    """(compiled, seconds for lower + compile)."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def compiled_memory_gib(compiled) -> float | None:
+    """XLA's own figure for one call: arguments + outputs + temporaries - donated (aliased) bytes."""
+    try:
+        m = compiled.memory_analysis()
+        total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+    return total / 2 ** 30
+
+
+def time_calls(call, iters: int, warmup: int):
+    """Seconds per call and the last output; `call()` returns device arrays."""
+    out = None
+    for _ in range(warmup):
+        out = call()
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / max(iters, 1), out
+
+
+def row(bench: Bench, what: str, batch: int, sec: float, flops: int, compiled, compile_sec: float,
+        **rates) -> dict:
+    peak = H100_BF16_DENSE * bench.facts["num_devices"]
+    out = dict(what=what, batch=batch, sec=sec, **rates, flops_per_step=int(flops),
+               achieved_tflops=flops / sec / 1e12, mfu_vs_989=flops / sec / peak, peak_mem_gib=memory_gib(),
+               xla_mem_gib=compiled_memory_gib(compiled), compile_sec=compile_sec)
+    out.update(bench.facts)
+    return out
+
+
+# --------------------------------------------------------------------------- measurements
+def bench_train(bench: Bench, batch: int, iters: int, warmup: int) -> dict:
+    """The dual-loss train step on `batch` pairs per half (random latents and ids, all labels counted)."""
+    c, plan = bench.config, bench.plan
+    loss_cfg = LossConfig.from_config(c.loss, mask_id=bench.mask_id, null_id=bench.eos_id)
+    B, L = batch, bench.text_length
+    k = jax.random.split(jax.random.key(1), 4)
+    ones = jnp.ones((B, L), bool)
+    batch_tree = {"t2i": {"image": bench.random_latents(k[0], B), "text_ids": bench.random_ids(k[1], (B, L))},
+                  "i2t": {"image": bench.random_latents(k[2], B), "text_ids": bench.random_ids(k[3], (B, L)),
+                          "label_mask": ones, "fixed_mask": ~ones}}
+    shardings = jax.tree.map(lambda x: bench.batch_sharding(x.ndim), batch_tree)
+    batch_tree = jax.device_put(batch_tree, shardings)
+    step = make_train_step(plan, loss_cfg, shardings, microbatches=int(c.train.microbatches),
+                           ema_decay=float(c.ema.decay))
+    state, frozen = bench.train_state()
+    compiled, compile_sec = compile_ahead(step, state, frozen, batch_tree)
+    holder = {"state": state}
+    del state
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], frozen, batch_tree)  # state is donated
+        return holder["state"], metrics
+
+    sec, (_, metrics) = time_calls(call, iters, warmup)
+    if not bool(jax.device_get(metrics["finite"])):
+        logging.warning("train step: non-finite loss with random weights (%s)", jax.device_get(metrics["loss"]))
+    n = flops.train_step(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, L)
+    out = row(bench, "train", B, sec, n, compiled, compile_sec, samples_per_sec=B / sec)
+    out["naive_3x_flops"] = flops.naive_train_step(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, L)
+    return out
+
+
+def _images_fn(params, frozen, ids, null_ids, noise, *, bench: Bench, steps: int, cfg_scale: float):
+    # Weights cast once per generation, outside the step loop (as torch.autocast's weight cache does).
+    mmdit, t5 = bench.networks(cast_floats(params, bench.config.runtime.dtype), frozen)
+    velocity = lambda x, hidden, t: mmdit(x, hidden, t)[0]
+    return sample_images(velocity, noise, t5(ids), t5(null_ids), steps=steps, cfg_scale=cfg_scale)
+
+
+def bench_t2i(bench: Bench, batch: int, iters: int, warmup: int, weights, steps: int, cfg_scale: float) -> dict:
+    B, L = batch, bench.text_length
+    k = jax.random.split(jax.random.key(2), 2)
+    ids = jax.device_put(bench.random_ids(k[0], (B, L)), bench.batch_sharding(2))
+    null_ids = jnp.full_like(ids, bench.eos_id)  # the empty prompt: EOS padding
+    noise = jax.device_put(bench.random_latents(k[1], B), bench.batch_sharding(4))
+    fn = jax.jit(functools.partial(_images_fn, bench=bench, steps=steps, cfg_scale=cfg_scale))
+    compiled, compile_sec = compile_ahead(fn, *weights, ids, null_ids, noise)
+    sec, _ = time_calls(lambda: compiled(*weights, ids, null_ids, noise), iters, warmup)
+    n = flops.text_to_image(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, L, steps, cfg_scale != 1.0)
+    out = row(bench, "t2i", B, sec, n, compiled, compile_sec, images_per_sec=B / sec)
+    out.update(steps=steps, cfg_scale=cfg_scale)
+    return out
+
+
+def _text_fn(params, frozen, latents, ids, fixed, rng, *, bench: Bench, method: str, steps: int):
+    mmdit, t5 = bench.networks(cast_floats(params, bench.config.runtime.dtype), frozen)  # once, as in t2i
+    zeros = jnp.zeros((latents.shape[0],), jnp.float32)  # clean image: timestep 0
+    logits_fn = lambda x: mmdit(latents, t5(x), zeros)[1]
+    loss = bench.config.loss
+    return sample_text(logits_fn, ids, fixed, rng, method=method, steps=steps, mask_id=bench.mask_id,
+                       schedule=Schedule(loss.text_schedule, loss.text_eps), eos_id=bench.eos_id,
+                       return_stats=True)
+
+
+def bench_text(bench: Bench, what: str, batch: int, iters: int, warmup: int, weights, *, length: int,
+               prompt_tokens: int, steps: int, method: str) -> dict:
+    """Caption (prompt_tokens = 0) or VQA: `length` tokens, the first `prompt_tokens` fixed."""
+    if not 0 <= prompt_tokens < length:
+        raise ValueError(f"{what}: prompt tokens {prompt_tokens} must be in [0, text length {length})")
+    B = batch
+    k = jax.random.split(jax.random.key(3), 2)
+    latents = jax.device_put(bench.random_latents(k[0], B), bench.batch_sharding(4))
+    fixed = jnp.broadcast_to(jnp.arange(length) < prompt_tokens, (B, length))
+    ids = jnp.where(fixed, bench.random_ids(k[1], (B, length)), bench.mask_id)
+    ids, fixed = jax.device_put((ids, fixed), bench.batch_sharding(2))
+    rng = jax.random.key(4)
+    fn = jax.jit(functools.partial(_text_fn, bench=bench, method=method, steps=steps))
+    compiled, compile_sec = compile_ahead(fn, *weights, latents, ids, fixed, rng)
+    sec, (_, stats) = time_calls(lambda: compiled(*weights, latents, ids, fixed, rng), iters, warmup)
+    nfe = int(jax.device_get(stats["nfe"]))  # same every call: same inputs and key
+    n = flops.image_to_text(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, length, nfe)
+    generated = length - prompt_tokens
+    out = row(bench, what, B, sec, n, compiled, compile_sec, tokens_per_sec=B * generated / sec)
+    out.update(sampler=method, steps=steps, text_length=length, generated_tokens=generated, predictions=nfe)
+    return out
+
+
+def bench_data(bench: Bench, batch: int, workers: int) -> dict:
+    from dual_diffusion.data.bench import benchmark_data
+    stats = benchmark_data(image_size=int(bench.config.data.image_size), text_length=bench.text_length,
+                           batch_size=batch, worker_count=workers)
+    # A sample is one example of either stream: a batch holds `batch` pairs of each.
+    return dict(what="data", batch=batch, sec=1.0 / stats["batches_per_s"], samples_per_sec=stats["samples_per_s"],
+                **{k: v for k, v in stats.items() if k not in ("samples_per_s", "batch_size")})
+
+
+# --------------------------------------------------------------------------- entry point
+def parse_whats(text: str) -> list[str]:
+    whats = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in whats if w not in WHATS]
+    if bad or not whats:
+        raise ValueError(f"--what={text!r}: unknown {bad}; expected a comma list of {list(WHATS)}")
+    return whats
+
+
+def parse_batches(text: str, what: str) -> tuple[int, ...]:
+    if not text:
+        return DEFAULT_BATCHES[what]
+    try:
+        sizes = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--batch={text!r}: expected a comma list of positive integers") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch={text!r}: expected a comma list of positive integers")
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The command's flags other than --config / --what / --batch (same names, same defaults)."""
+
+    iters: int = 5
+    warmup: int = 2
+    image_size: int = 0
+    text_length: int = 0
+    t2i_steps: int = 28
+    cfg_scale: float = 7.0
+    sampler: str = "ancestral"
+    caption_length: int = 128
+    caption_steps: int = 64
+    vqa_prompt_tokens: int = 32
+    vqa_steps: int = 16
+    frozen_dtype: str = "compute"
+    data_workers: int = 2
+
+
+def run(config, whats, batch_text: str = "", opts: Options = Options(), emit=None) -> list[dict]:
+    """Runs the measurements in order; returns (and passes each to `emit`) one dict per measurement."""
+    bench = Bench(config, opts.image_size, opts.text_length, opts.frozen_dtype)
+    it, weights, rows = (opts.iters, opts.warmup), None, []
+    for what in whats:
+        for b in parse_batches(batch_text, what):
+            if what != "data":
+                bench.check_batch(b)
+            if what in ("t2i", "caption", "vqa"):
+                weights = weights or bench.inference_weights()
+            if what == "data":
+                out = bench_data(bench, b, opts.data_workers)
+            elif what == "train":
+                out = bench_train(bench, b, *it)
+            elif what == "t2i":
+                out = bench_t2i(bench, b, *it, weights, opts.t2i_steps, opts.cfg_scale)
+            elif what == "caption":
+                out = bench_text(bench, "caption", b, *it, weights, length=opts.caption_length, prompt_tokens=0,
+                                 steps=opts.caption_steps, method=opts.sampler)
+            else:
+                out = bench_text(bench, "vqa", b, *it, weights, length=bench.text_length,
+                                 prompt_tokens=opts.vqa_prompt_tokens, steps=opts.vqa_steps, method=opts.sampler)
+            rows.append(out)
+            if emit is not None:
+                emit(out)
+    return rows
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required")
+    if FLAGS.sampler not in METHODS:
+        raise app.UsageError(f"--sampler={FLAGS.sampler!r}; expected one of {list(METHODS)}")
+    whats = parse_whats(FLAGS.what)
+    for what in whats:
+        parse_batches(FLAGS.batch, what)  # fail on a bad --batch before anything compiles
+    opts = Options(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Options)})
+    run(FLAGS.config, whats, FLAGS.batch, opts, emit=lambda r: print(json.dumps(r), flush=True))
+
+
+if __name__ == "__main__":
+    app.run(main)
