@@ -23,6 +23,7 @@ from flax import nnx
 
 from dual_diffusion.data.text_layout import vqa_layout
 from dual_diffusion.diffusion.image_sampling import sample_images
+from dual_diffusion.diffusion.masked import Schedule
 from dual_diffusion.diffusion.text_sampling import sample_text
 from dual_diffusion.tokenizer import Tokenizer
 
@@ -51,6 +52,7 @@ class TextOptions:
     min_new_tokens: int = 0
     num_blocks: int = 4
     cfg_scale: float = 1.0  # > 1: guidance over the image condition (null image as unconditional)
+    schedule: Schedule = Schedule()  # the masking schedule the model was trained with
 
 
 def to_uint8(images_BxHxWx3) -> np.ndarray:
@@ -128,7 +130,7 @@ class Pipeline:
         logits_fn = lambda x: mmdit(clean, t5(x), t0)[1]
         uncond = (lambda x: mmdit(None, t5(x), t0)[1]) if opts.cfg_scale != 1.0 else None
         return sample_text(logits_fn, ids, fixed, rng, method=opts.method, steps=opts.steps,
-                           mask_id=self.tokenizer.mask_id, eos_id=self.tokenizer.eos_id,
+                           mask_id=self.tokenizer.mask_id, eos_id=self.tokenizer.eos_id, schedule=opts.schedule,
                            temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                            min_new_tokens=opts.min_new_tokens, num_blocks=opts.num_blocks,
                            uncond_logits_fn=uncond, cfg_scale=opts.cfg_scale)

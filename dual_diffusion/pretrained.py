@@ -132,8 +132,10 @@ def _is_workdir(path: Path) -> bool:
 
 
 def _workdir_tokenizer(path: Path, recorded: str) -> Tokenizer:
-    """The tokenizer model model.json names: as recorded, else relative to the workdir, else by name in it."""
-    candidates = [Path(recorded), path / recorded, path / Path(recorded).name] if recorded else []
+    """The tokenizer model.json names: as recorded, else relative to the workdir, else by name in it
+    (a moved workdir keeps working)."""
+    name = Path(recorded).name
+    candidates = [Path(recorded), path / recorded, path / name, path / "tokenizer" / name] if recorded else []
     for candidate in candidates:
         if candidate.is_file():
             return Tokenizer(candidate)

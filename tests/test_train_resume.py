@@ -16,6 +16,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import dual_diffusion  # noqa: F401
+from flax import nnx
+
+from dual_diffusion.pretrained import load_pretrained
 from dual_diffusion.training.checkpointing import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +118,15 @@ def test_sigterm_saves_current_step_and_partial_checkpoints_are_ignored(env, tmp
     (tmp_path / "checkpoints" / f"{latest + 50}.orbax-checkpoint-tmp-123").mkdir()
     ckpt.close()
     assert Checkpointer(tmp_path, async_save=False).latest_step() == latest
+    # The workdir loads for sampling: its latest EMA weights, over the frozen ones.
+    bundle = load_pretrained(tmp_path)
+    assert bundle.info["step"] == latest and bundle.info["weights"] == "ema" and bundle.vae is None
+    ema = _state(tmp_path, latest)["ema"]["transformer"]
+    loaded = nnx.to_pure_dict(bundle.states["transformer"])
+    np.testing.assert_array_equal(np.asarray(loaded["text_out_proj"]["kernel"]), ema["text_out_proj"]["kernel"])
+    ids = np.asarray(bundle.tokenizer.encode("a red circle"))[None]
+    _, logits = bundle.transformer(None, bundle.text_encoder(ids), np.zeros(1, np.float32))
+    assert logits.shape == (1, ids.shape[1], bundle.configs["transformer"].vocab_size)
 
 
 @pytest.mark.slow
