@@ -56,18 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_image(path: str, size: int) -> np.ndarray:
     """uint8 (size, size, 3): RGB, shorter side resized (bicubic, antialiased), center crop."""
-    from PIL import Image, UnidentifiedImageError
+    from dual_diffusion.eval_suites import EvalDataError
+    from dual_diffusion.eval_suites import read_image as read
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = size / min(im.size)
-            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
-                           Image.Resampling.BICUBIC, reducing_gap=None)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            return np.asarray(im.crop((left, top, left + size, top + size)), np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise UsageError(f"cannot read image {path}: {e}") from None
+        return read(Path(path), size)
+    except EvalDataError as e:
+        raise UsageError(str(e)) from None
 
 
 def save_grid(images: np.ndarray, path: str, columns: int) -> None:

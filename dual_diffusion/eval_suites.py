@@ -1,0 +1,274 @@
+"""Evaluation suites over a `Pipeline` and network states; each returns a dict of scores.
+
+    scores = shapes_suite(pipeline, states, per_category=50, num_captions=200, num_vqa=200)
+    print(markdown_table(scores))
+
+`shapes_suite` scores the built-in shapes world exactly (data/shapes_eval.py):
+GenEval-style text to image per category, captions (exact match, attributes),
+VQA. `coco_captions_suite` (CIDEr), `vqav2_suite` (VQAv2 accuracy) and
+`geneval_suite` (renders GenEval's prompt list for its external scorer) read
+benchmark files from disk. Work runs in fixed-size batches (the last one padded
+by repeating its final item) so every jitted call compiles once.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from dual_diffusion import eval_metrics
+from dual_diffusion.pipelines import ImageOptions, Pipeline, States, TextOptions
+
+
+class EvalDataError(ValueError):
+    """A benchmark file or image that cannot be used; the message names it."""
+
+
+def map_batches(fn: Callable[..., Sequence], columns: Sequence[Sequence], batch_size: int, *, seed: int,
+                desc: str, progress: bool = True) -> list:
+    """fn(*column_chunks, seed=seed + start) over chunks of `batch_size` rows; results concatenated as a list.
+
+    The last chunk is padded to `batch_size` with copies of its final row and the
+    extra outputs dropped: one compiled shape for all calls."""
+    from tqdm import tqdm
+
+    n = len(columns[0])
+    if any(len(c) != n for c in columns):
+        raise ValueError(f"map_batches: columns of lengths {[len(c) for c in columns]}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    out: list = []
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress or n == 0):
+        real = min(batch_size, n - start)
+        chunks = []
+        for column in columns:
+            rows = list(column[start:start + real])
+            rows += [rows[-1]] * (batch_size - real)
+            chunks.append(np.stack(rows) if isinstance(column, np.ndarray) else rows)
+        result = fn(*chunks, seed=seed + start)
+        out.extend(list(result)[:real])
+    return out
+
+
+def check_fits(pipeline: Pipeline, *, prompts: Sequence[str] = (), questions: Sequence[str] = ()) -> None:
+    """Every prompt / VQA question fits the pipeline's text length, checked before any sampling runs."""
+    from dual_diffusion.data.text_layout import vqa_layout
+
+    try:
+        pipeline.encode_prompts(list(dict.fromkeys(prompts)))
+    except ValueError as e:
+        raise EvalDataError(f"{e}: raise --text_length") from None
+    for q in dict.fromkeys(questions):
+        layout = vqa_layout(pipeline.tokenizer, q, "", pipeline.text_length)
+        if layout.truncated or layout.fixed_mask.all():
+            raise EvalDataError(f"question {q[:60]!r} leaves no room for an answer in {pipeline.text_length} "
+                                "tokens: raise --text_length")
+
+
+# -------------------------------------------------------------------- shapes
+def shapes_suite(pipeline: Pipeline, states: States, *, seed: int = 1234, per_category: int = 50,
+                 num_captions: int = 200, num_vqa: int = 200, batch_size: int = 16,
+                 image_opts: ImageOptions = ImageOptions(), text_opts: TextOptions = TextOptions(),
+                 caption_length: int | None = None, progress: bool = True) -> dict:
+    """Scores on the shapes world at `pipeline.image_size`; a part with count 0 is skipped.
+
+    Returns {"suite", "image_size", "t2i": {category: pass rate, "overall"},
+    "captions": {"exact_match", "attribute_accuracy", ...}, "vqa": {"accuracy"}}."""
+    from dual_diffusion.data import shapes_eval
+
+    size = pipeline.image_size
+    scores: dict[str, Any] = {"suite": "shapes", "image_size": size, "seed": seed}
+    if per_category > 0:
+        specs = shapes_eval.t2i_prompt_set(seed, per_category)
+        check_fits(pipeline, prompts=[s.prompt for s in specs])
+        images = map_batches(lambda p, seed: pipeline.text_to_image(states, p, seed=seed, opts=image_opts),
+                             [[s.prompt for s in specs]], batch_size, seed=seed, desc="shapes t2i",
+                             progress=progress)
+        scores["t2i"] = shapes_eval.evaluate_t2i(np.stack(images), specs)
+    if num_captions > 0:
+        caps = shapes_eval.caption_eval_set(seed, num_captions, size)
+        preds = map_batches(lambda im, seed: pipeline.caption(states, im, seed=seed, length=caption_length,
+                                                              opts=text_opts),
+                            [caps.images], batch_size, seed=seed, desc="shapes captions", progress=progress)
+        scores["captions"] = shapes_eval.evaluate_captions(preds, caps.scenes)
+        scores["caption_examples"] = [{"truth": t, "generated": p} for t, p in zip(caps.captions[:3], preds)]
+    if num_vqa > 0:
+        vqa = shapes_eval.vqa_eval_set(seed, num_vqa, size)
+        check_fits(pipeline, questions=vqa.questions)
+        preds = map_batches(lambda im, q, seed: pipeline.answer(states, im, q, seed=seed, opts=text_opts),
+                            [vqa.images, vqa.questions], batch_size, seed=seed, desc="shapes vqa",
+                            progress=progress)
+        scores["vqa"] = shapes_eval.evaluate_vqa(preds, vqa.answers)
+    return scores
+
+
+# -------------------------------------------------------------- from disk
+def read_image(path: Path, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): RGB, shorter side resized (bicubic, antialiased), centre crop."""
+    from dual_diffusion.data.transforms import BadRecord, decode_image, resize_center_crop
+
+    try:
+        image, _ = decode_image(Path(path).read_bytes(), size_hint=size)
+        return resize_center_crop(image, size)
+    except (OSError, BadRecord) as e:
+        raise EvalDataError(f"cannot read image {path}: {e}") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalDataError(f"cannot read {what} {path}: {e}") from None
+
+
+def images_by_id(folder: Path) -> dict[int, Path]:
+    """{image id: path} for files whose name ends in the id (COCO_val2014_000000000042.jpg, 000000000042.jpg)."""
+    if not Path(folder).is_dir():
+        raise EvalDataError(f"image folder {folder} does not exist")
+    found = {}
+    for path in Path(folder).iterdir():
+        match = re.search(r"(\d+)$", path.stem)
+        if match and path.suffix.lower() in (".jpg", ".jpeg", ".png"):
+            found[int(match.group(1))] = path
+    return found
+
+
+def _field(record: Mapping, key: str, where: str):
+    if key not in record:
+        raise EvalDataError(f"{where}: record {str(record)[:120]} has no {key!r}")
+    return record[key]
+
+
+def coco_captions_suite(pipeline: Pipeline, states: States, *, annotations: Path, images_dir: Path,
+                        max_images: int | None = None, batch_size: int = 16, seed: int = 0,
+                        text_opts: TextOptions = TextOptions(), caption_length: int | None = None,
+                        scorer: Callable[[Mapping, Mapping], dict] = eval_metrics.cider_score,
+                        progress: bool = True) -> dict:
+    """Captions of COCO images (captions_val2014.json layout) scored by `scorer` (CIDEr-D)."""
+    data = read_json(annotations, "COCO caption annotations")
+    if not isinstance(data, dict) or "annotations" not in data:
+        raise EvalDataError(f"{annotations}: expected a COCO captions file with 'images' and 'annotations'")
+    refs: dict[int, list[str]] = {}
+    for a in data["annotations"]:
+        refs.setdefault(int(_field(a, "image_id", str(annotations))), []).append(_field(a, "caption", str(annotations)))
+    named = {int(im["id"]): Path(images_dir) / im["file_name"] for im in data.get("images", []) if "file_name" in im}
+    ids = sorted(refs)[:max_images] if max_images else sorted(refs)
+    on_disk = images_by_id(images_dir) if any(not named.get(i, Path("")).is_file() for i in ids) else {}
+    paths = [named[i] if named.get(i, Path("")).is_file() else on_disk.get(i) for i in ids]
+    absent = [i for i, p in zip(ids, paths) if p is None]
+    if absent:
+        raise EvalDataError(f"{len(absent)} images (ids {absent[:5]}...) not found in {images_dir}")
+    size = pipeline.image_size
+    preds = map_batches(lambda p, seed: pipeline.caption(states, np.stack([read_image(x, size) for x in p]),
+                                                         seed=seed, length=caption_length, opts=text_opts),
+                        [paths], batch_size, seed=seed, desc="coco captions", progress=progress)
+    scores = scorer({i: refs[i] for i in ids}, dict(zip(ids, preds)))
+    return {"suite": "coco_captions", "image_size": size, **scores,
+            "caption_examples": [{"image_id": i, "generated": p, "reference": refs[i][0]}
+                                 for i, p in zip(ids[:3], preds)]}
+
+
+def vqav2_suite(pipeline: Pipeline, states: States, *, questions: Path, annotations: Path, images_dir: Path,
+                max_questions: int | None = None, batch_size: int = 16, seed: int = 0,
+                text_opts: TextOptions = TextOptions(), progress: bool = True) -> dict:
+    """VQAv2 accuracy (eval_metrics.vqa_accuracy) on the questions + annotations files (official JSON layout)."""
+    qs = read_json(questions, "VQAv2 questions")
+    ann = read_json(annotations, "VQAv2 annotations")
+    if not isinstance(qs, dict) or "questions" not in qs:
+        raise EvalDataError(f"{questions}: expected a VQAv2 questions file with a 'questions' list")
+    if not isinstance(ann, dict) or "annotations" not in ann:
+        raise EvalDataError(f"{annotations}: expected a VQAv2 annotations file with an 'annotations' list")
+    by_qid = {int(_field(a, "question_id", str(annotations))): a for a in ann["annotations"]}
+    rows = sorted(qs["questions"], key=lambda q: int(_field(q, "question_id", str(questions))))
+    rows = rows[:max_questions] if max_questions else rows
+    unanswered = [q["question_id"] for q in rows if int(q["question_id"]) not in by_qid]
+    if unanswered:
+        raise EvalDataError(f"{annotations} has no answers for question ids {unanswered[:5]}")
+    check_fits(pipeline, questions=[q["question"] for q in rows])
+    on_disk = images_by_id(images_dir)
+    paths = [on_disk.get(int(_field(q, "image_id", str(questions)))) for q in rows]
+    absent = sorted({q["image_id"] for q, p in zip(rows, paths) if p is None})
+    if absent:
+        raise EvalDataError(f"{len(absent)} images (ids {absent[:5]}) not found in {images_dir}")
+    size = pipeline.image_size
+    preds = map_batches(lambda p, q, seed: pipeline.answer(states, np.stack([read_image(x, size) for x in p]), q,
+                                                           seed=seed, opts=text_opts),
+                        [paths, [q["question"] for q in rows]], batch_size, seed=seed, desc="vqav2",
+                        progress=progress)
+    answers = [by_qid[int(q["question_id"])] for q in rows]
+    humans = [[h["answer"] for h in _field(a, "answers", str(annotations))] for a in answers]
+    types = [a.get("answer_type", "other") for a in answers]
+    return {"suite": "vqav2", "image_size": size, **eval_metrics.vqa_scores(preds, humans, types),
+            "answer_examples": [{"question": q["question"], "generated": p, "humans": h[:3]}
+                                for q, p, h in zip(rows[:3], preds, humans)]}
+
+
+def read_geneval_prompts(path: Path) -> list[dict]:
+    """GenEval's evaluation_metadata.jsonl: one JSON object with a 'prompt' per line."""
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalDataError(f"cannot read GenEval prompts {path}: {e}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}:{n}: not JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise EvalDataError(f"{path}:{n}: expected an object with a 'prompt' string")
+        records.append(record)
+    return records
+
+
+def geneval_suite(pipeline: Pipeline, states: States, *, prompts: Sequence[Mapping], out_dir: Path,
+                  samples_per_prompt: int = 4, batch_size: int = 16, seed: int = 0,
+                  image_opts: ImageOptions = ImageOptions(), progress: bool = True) -> dict:
+    """Renders GenEval prompts as out_dir/<index:05d>/{metadata.jsonl, samples/<k:04d>.png} for its scorer."""
+    from PIL import Image
+
+    check_fits(pipeline, prompts=[r["prompt"] for r in prompts])
+    out_dir = Path(out_dir)
+    for index, record in enumerate(prompts):
+        folder = out_dir / f"{index:05d}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(dict(record)) + "\n")
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(samples_per_prompt)]
+
+    # Images are written as each batch finishes, so an interrupted run keeps its work.
+    def render_and_save(job_rows, seed):
+        images = pipeline.text_to_image(states, [prompts[i]["prompt"] for i, _ in job_rows], seed=seed,
+                                        opts=image_opts)
+        saved = set()
+        for (i, k), image in zip(job_rows, images):
+            if (i, k) not in saved:  # padding rows repeat the last job: keep its first image
+                Image.fromarray(image).save(out_dir / f"{i:05d}" / "samples" / f"{k:04d}.png")
+                saved.add((i, k))
+        return job_rows
+
+    map_batches(render_and_save, [jobs], batch_size, seed=seed, desc="geneval", progress=progress)
+    return {"suite": "geneval", "image_size": pipeline.image_size, "prompts": len(prompts),
+            "images": len(jobs), "out_dir": str(out_dir)}
+
+
+# ------------------------------------------------------------------ report
+def _flatten(scores: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in scores.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows += _flatten(value, f"{name} / ")
+        elif isinstance(value, (int, float, str)) or value is None:
+            rows.append((name, value))
+    return rows
+
+
+def markdown_table(scores: Mapping, title: str | None = None) -> str:
+    """A two-column markdown table (metric | value) of the scalar scores; nested dicts flattened, lists skipped."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ([f"## {title}", ""] if title else []) + ["| metric | value |", "| --- | --- |"]
+    lines += [f"| {name} | {fmt(value)} |" for name, value in _flatten(scores)]
+    return "\n".join(lines) + "\n"
