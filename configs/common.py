@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer.model_file = config_dict.placeholder(str)  # SentencePiece model (tokenizer_3/spiece.model)
     c.tokenizer.train_corpus = ""  # "shapes": train a small one into WORKDIR/tokenizer on first run (demo)
     c.tokenizer.train_vocab_size = 512
+    c.tokenizer.train_model_type = "unigram"  # SentencePiece model of the trained tokenizer: "unigram" | "bpe"
 
     c.model = ml_collections.ConfigDict()
     c.model.transformer = _dataclass_dict(MMDiTConfig())

@@ -42,6 +42,7 @@ class Tokenizer:
             model_file = model_file / "spiece.model"
         if not model_file.is_file():
             raise FileNotFoundError(f"tokenizer: SentencePiece model {str(model_file)!r} does not exist")
+        self.model_file = model_file
         self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
         found = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
         if found != (PAD_ID, EOS_ID, UNK_ID):
@@ -153,22 +154,25 @@ class Tokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_size: int,
-                        hard_vocab_limit: bool = False) -> Path:
+                        hard_vocab_limit: bool = False, model_type: str = "unigram") -> Path:
     """Trains a T5-style SentencePiece model on in-memory text; writes and returns `<model_prefix>.model`.
 
-    Unigram, pad 0 / eos 1 / unk 2, no bos, no byte fallback, nmt_nfkc
+    Unigram by default (`model_type="bpe"`: merges, fewer tokens per sentence on a tiny
+    closed corpus such as the shapes captions), pad 0 / eos 1 / unk 2, no bos, no byte fallback, nmt_nfkc
     normalization (T5's settings), full character coverage. One thread and no
     sampling of sentences, so the same texts give the same model bytes.
     vocab_size is an upper bound unless hard_vocab_limit: a tiny corpus may
     support fewer pieces (read `Tokenizer(...).vocab_size` afterwards).
     """
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"train_sentencepiece: model_type {model_type!r} not in ('unigram', 'bpe')")
     sentences = [t for t in texts if t and t.strip()]
     if not sentences:
         raise ValueError("train_sentencepiece: no non-empty texts to train on")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        model_type="unigram", pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
         byte_fallback=False, normalization_rule_name="nmt_nfkc", character_coverage=1.0,
         hard_vocab_limit=hard_vocab_limit, num_threads=1, input_sentence_size=0,
         shuffle_input_sentence=False, minloglevel=2)

@@ -232,3 +232,22 @@ def test_orbax_checkpoint_round_trip(tmp_path, tok):
     resumed = pipeline.make_dual_iterator(cfg, tok, global_batch_size=2)
     mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
     assert _same(_take(resumed, 2), expected)
+
+
+def test_caption_label_padding_option(tok):
+    shapes_i2t = [{"kind": "shapes", "seed": 3, "num_records": 50}]
+    kw = dict(t2i=[{"kind": "shapes", "seed": 2, "num_records": 50}], i2t=shapes_i2t)
+    full = _take(pipeline.make_dual_iterator(_config(**kw), tok, global_batch_size=8), 2)
+    trim = _take(pipeline.make_dual_iterator(_config(**kw, caption_label_padding=False), tok, global_batch_size=8), 2)
+    n_caption = 0
+    for a, b in zip(full, trim):
+        ia, ib = a["i2t"], b["i2t"]
+        assert np.array_equal(ia["text_ids"], ib["text_ids"]) and np.array_equal(ia["fixed_mask"], ib["fixed_mask"])
+        for ids, fixed, la, lb in zip(ia["text_ids"], ia["fixed_mask"], ia["label_mask"], ib["label_mask"]):
+            if fixed.any():  # VQA rows are unchanged: answer + EOS
+                assert np.array_equal(la, lb)
+                continue
+            n_caption += 1
+            first_eos = int(np.flatnonzero(ids == tok.eos_id)[0])
+            assert la.all() and lb[: first_eos + 1].all() and not lb[first_eos + 1:].any()
+    assert n_caption > 0

@@ -86,3 +86,14 @@ def test_vqa_prompt_round_trip(spm_tok):
     assert spm_tok.decode(prefix) == text_layout.vqa_prompt("how many squares are there?").strip()
     assert spm_tok.decode(lay.text_ids[lay.label_mask]) == "two"
     assert lay.text_ids[lay.label_mask][-1] == spm_tok.eos_id
+
+
+def test_caption_without_label_padding_labels_caption_and_first_eos():
+    tok = WordTokenizer()
+    full = text_layout.caption_layout(tok, "two red circles", 6)
+    lay = text_layout.caption_layout(tok, "two red circles", 6, label_padding=False)
+    assert lay.text_ids.tolist() == full.text_ids.tolist()
+    assert lay.label_mask.tolist() == [True, True, True, True, False, False]
+    trunc = text_layout.caption_layout(tok, "w1 w2 w3 w4 w5", 4, label_padding=False)
+    assert trunc.label_mask.all()  # truncated: the EOS is last, every position counts
+    assert text_layout.caption_label_mask(np.array([5, 6, 7]), 1).all()  # no EOS at all: all positions

@@ -21,7 +21,8 @@ Batch (numpy): {"t2i": {"image": f32 (b,H,W,3), "text_ids": i32 (b,L)},
 plus the same with _t2i / _i2t suffixes}}. A skipped record is counted in the batch
 of the next good example of its stream.
 Label masks: see text_layout.py (captions: every position incl. EOS padding, as
-the release; VQA: answer + its EOS; fixed_mask: the VQA question prefix).
+the release, or with caption_label_padding=False the caption and its first EOS;
+VQA: answer + its EOS; fixed_mask: the VQA question prefix).
 
 Checkpointing the iterator (grain 0.2.18): `it.get_state()` / `it.set_state(s)`
 (a JSON-able dict). With Orbax, save it next to the model:
@@ -43,6 +44,7 @@ import numpy as np
 from absl import flags, logging
 
 from dual_diffusion.data import sources as sources_lib
+from dual_diffusion.data import text_layout
 from dual_diffusion.data.transforms import ExampleBuilder
 
 STAT_KEYS = ("skipped", "truncated", "converted")
@@ -59,6 +61,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.original_caption_prob = 0.0   # use the original caption instead of the recaption
     c.vqa_label_padding = False     # VQA label mask: answer + EOS only (text_layout.py)
+    c.caption_label_padding = True  # caption label mask: every position (release); False: caption + first EOS
     c.worker_count = 0              # > 0: mp_prefetch worker processes (production)
     c.prefetch_buffer_size = 2      # batches buffered per worker
     c.read_threads = 2              # threads per process reading/decoding records
@@ -114,6 +117,22 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+class _CaptionLabelsWithoutPadding:
+    """Map on built examples: caption rows (no fixed prefix) keep labels up to their first EOS.
+    Done here rather than in ExampleBuilder so the builder's interface stays the release's."""
+
+    def __init__(self, eos_id: int):
+        self.eos_id = int(eos_id)
+
+    def __call__(self, example: dict) -> dict:
+        if "_bad" in example or example["fixed_mask"].any():
+            return example
+        example = dict(example)
+        example["label_mask"] = example["label_mask"] & text_layout.caption_label_mask(example["text_ids"],
+                                                                                       self.eos_id)
+        return example
+
+
 def _check_has_valid_record(source, builder: ExampleBuilder) -> None:
     """Scans until the first usable record (one for a healthy source)."""
     rng = np.random.default_rng(0)
@@ -148,6 +167,8 @@ def _stream(specs, tokenizer, cfg, stream: str, batch: int, process_index: int, 
         weights.append(weight)
     mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
     mixed = mixed.random_map(builder, seed=_seed(seed, stream == "i2t", 2))
+    if not cfg.get("caption_label_padding", True):
+        mixed = mixed.map(_CaptionLabelsWithoutPadding(tokenizer.eos_id))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_prefetch)
     ds = SkipBadIterDataset(mixed.to_iter_dataset(read), stream, cfg.max_consecutive_bad)
     return ds.batch(batch, drop_remainder=True)

@@ -10,7 +10,9 @@ truncation is reported so the pipeline can count it); the row is padded with EOS
 (id 1), not with pad (0), because that is what the release's T5 sees. The label
 mask of a caption covers *all* positions, EOS padding included, as the release:
 the masked-diffusion captioner must learn where a caption ends, and at sampling
-time every position starts masked.
+time every position starts masked. With `label_padding=False` the mask covers the
+caption and its first EOS only (as VQA answers): a short caption in a long row then
+weighs its content, not dozens of trivially predicted pads (a from-scratch demo).
 
 VQA: `Q: {question} Answer the question using a single word or phrase. A: `
 (fixed), then the answer, its EOS, and EOS padding. The label mask covers the
@@ -54,17 +56,26 @@ def _pad(ids: list[int], length: int, pad_id: int) -> np.ndarray:
     return row
 
 
-def caption_layout(tokenizer: TokenizerLike, text: str, length: int) -> TextLayout:
-    """Caption ids padded with EOS; label mask all True (see module doc)."""
+def caption_label_mask(text_ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """bool (L,): positions up to and including the first EOS (all if there is none)."""
+    eos = np.flatnonzero(np.asarray(text_ids) == eos_id)
+    label = np.zeros(np.shape(text_ids), bool)
+    label[: (int(eos[0]) + 1) if eos.size else len(label)] = True
+    return label
+
+
+def caption_layout(tokenizer: TokenizerLike, text: str, length: int, label_padding: bool = True) -> TextLayout:
+    """Caption ids padded with EOS; label mask all True, or caption + first EOS (see module doc)."""
     if length < 1:
         raise ValueError(f"text length must be >= 1, got {length}")
     ids = list(tokenizer.encode(text, add_eos=True))
     truncated = len(ids) > length
     if truncated:
         ids = ids[: length - 1] + [tokenizer.eos_id]
+    text_ids = _pad(ids, length, tokenizer.eos_id)
     return TextLayout(
-        text_ids=_pad(ids, length, tokenizer.eos_id),
-        label_mask=np.ones((length,), bool),
+        text_ids=text_ids,
+        label_mask=np.ones((length,), bool) if label_padding else caption_label_mask(text_ids, tokenizer.eos_id),
         fixed_mask=np.zeros((length,), bool),
         truncated=truncated,
     )

@@ -35,7 +35,8 @@ def get_tokenizer(config, workdir: Path | None, dry_run: bool = False):
             from dual_diffusion.data.shapes import shapes_captions_corpus
             if jax.process_index() == 0:
                 train_sentencepiece(shapes_captions_corpus(config.seed, 2000), workdir / "tokenizer" / "spiece",
-                                    config.tokenizer.train_vocab_size)
+                                    config.tokenizer.train_vocab_size,
+                                    model_type=config.tokenizer.get("train_model_type", "unigram"))
         return Tokenizer(model_file)
     return None if dry_run else Tokenizer(config.tokenizer.model_file)
 
