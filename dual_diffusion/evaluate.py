@@ -25,11 +25,9 @@ import os
 import sys
 from pathlib import Path
 
+from dual_diffusion.cli import UsageError, run_command
+
 SUITES = ("shapes", "coco_captions", "vqav2", "geneval")
-
-
-class UsageError(Exception):
-    """A bad argument or input file: reported as `error: ...`, exit status 2."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -195,14 +193,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        scores = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(scores, indent=2))
-    return 0
+    return run_command(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dual_diffusion.cli import UsageError, run_command
+
 TASKS = ("t2i", "caption", "vqa", "inpaint")
-
-
-class UsageError(Exception):
-    """A bad argument: reported as `error: ...`, exit status 2."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -192,14 +190,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_command(parse_args, run, argv)
 
 
 if __name__ == "__main__":
