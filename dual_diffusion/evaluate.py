@@ -140,7 +140,7 @@ def _model_scores(args) -> dict:
     prompts = suites.read_geneval_prompts(args.prompts) if args.suite == "geneval" else None
     try:
         bundle = load_pretrained(args.checkpoint, Runtime(dtype=args.dtype))
-    except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as e:
+    except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
     pipe = Pipeline.from_bundle(bundle, image_size=args.image_size, text_length=args.text_length)
     image_opts = ImageOptions(steps=args.t2i_steps, cfg_scale=args.cfg, shift=args.shift)

@@ -128,7 +128,7 @@ def run(args) -> dict:
 
     try:
         bundle = load_pretrained(args.checkpoint)
-    except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as e:
+    except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
     pipe = Pipeline.from_bundle(bundle, image_size=args.image_size, text_length=args.text_length)
     states = bundle.states
