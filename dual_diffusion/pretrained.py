@@ -220,7 +220,7 @@ def load_pretrained(path, runtime: Runtime = Runtime(), mesh: jax.sharding.Mesh 
                     rules: Sequence[tuple[str, Any]] | None = None,
                     components: Sequence[str] = ("transformer", "text_encoder", "vae")) -> PretrainedBundle:
     """Loads the networks of `path` (see the module docstring); `components` selects a subset."""
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax takes absolute paths only
     if not path.is_dir():
         raise FileNotFoundError(f"load_pretrained: {path} is not a folder")
     for _, detect, load in SOURCES:

@@ -119,7 +119,7 @@ def test_sigterm_saves_current_step_and_partial_checkpoints_are_ignored(env, tmp
     ckpt.close()
     assert Checkpointer(tmp_path, async_save=False).latest_step() == latest
     # The workdir loads for sampling: its latest EMA weights, over the frozen ones.
-    bundle = load_pretrained(tmp_path)
+    bundle = load_pretrained(os.path.relpath(tmp_path))  # relative, as a user types it
     assert bundle.info["step"] == latest and bundle.info["weights"] == "ema" and bundle.vae is None
     ema = _state(tmp_path, latest)["ema"]["transformer"]
     loaded = nnx.to_pure_dict(bundle.states["transformer"])
