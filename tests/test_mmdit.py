@@ -16,7 +16,7 @@ from flax import nnx
 
 from dual_diffusion.convert.keymap import export_torch_state, load_torch_state
 from dual_diffusion.convert.mmdit_keys import mmdit_rules, sd3_init_plan
-from dual_diffusion.models.configs import MMDiTConfig, Runtime, mmdit_from_diffusers
+from dual_diffusion.models.configs import MMDiTConfig, Runtime, mmdit_from_diffusers, mmdit_to_diffusers
 from dual_diffusion.models.embeddings import sincos_2d_grid
 from dual_diffusion.models.mmdit import MMDiT, abstract_mmdit, count_params, init_mmdit
 from dual_diffusion.sharding import DEFAULT_RULES, make_mesh, state_shardings
@@ -260,3 +260,34 @@ def test_sd3_init_plan(variant):
     np.testing.assert_array_equal(np.asarray(model.image_out_proj.kernel[...]), sd["proj_out.weight"].T)
     with pytest.raises(ValueError, match="no place"):
         sd3_init_plan(dataclasses.replace(cfg, num_layers=cfg.num_layers - 1), sd)
+
+
+def test_text_position_table_breaks_the_all_mask_symmetry():
+    """Identical text states at every position (an all-[MASK] caption under a position-free encoder) give
+    identical logits per position without the table, distinct ones with it; the table exports under its
+    own key and loads back bit for bit, and the release layout (table off) is unchanged."""
+    base = dataclasses.replace(_our_cfg("plain"), text_pos_embed_len=9)
+    latents, _, t = _inputs()
+    text = np.broadcast_to(np.random.default_rng(3).standard_normal((2, 1, 32)), (2, 7, 32)).astype(np.float32)
+
+    def spread(cfg):
+        model = init_mmdit(cfg, Runtime(attention_impl="xla"), seed=1)
+        graphdef, state = nnx.split(model)
+        # Non-zero heads and modulations, so the logits depend on the text stream.
+        state = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), state)
+        _, logits = nnx.merge(graphdef, state)(latents, text, t)
+        return float(np.max(np.std(np.asarray(logits), axis=1))), nnx.merge(graphdef, state)
+
+    off, _ = spread(dataclasses.replace(base, text_pos_embed_len=0))
+    on, model = spread(base)
+    assert off < 1e-5 < 1e-2 < on
+    rules = mmdit_rules(base)
+    sd = export_torch_state(model, rules)
+    assert sd["text_pos_embed"].shape == (1, 9, base.hidden_size)
+    again = abstract_mmdit(base)
+    load_torch_state(again, sd, rules)
+    np.testing.assert_array_equal(np.asarray(again.text_pos_embed[...]), sd["text_pos_embed"])
+    assert mmdit_from_diffusers(mmdit_to_diffusers(base), VOCAB) == base
+    assert "text_pos_embed" not in {r.source for r in mmdit_rules(_our_cfg("plain"))}
+    with pytest.raises(ValueError, match="text_pos_embed_len=9"):
+        model(latents, np.zeros((2, 10, 32), np.float32), t)

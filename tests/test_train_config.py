@@ -31,6 +31,14 @@ def test_stage_configs_are_valid_and_locked(module):
     assert "init_from" in c
 
 
+def test_demo_gpu_variant_is_valid():
+    c = demo.get_config("gpu")
+    check_config(c, num_devices=8, dry_run=True)
+    assert c.model.transformer.num_layers == 8 and c.runtime.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="unknown config variant 'tpu'"):
+        demo.get_config("tpu")
+
+
 def _errors(**changes):
     c = demo.get_config()
     with c.unlocked():
@@ -53,6 +61,8 @@ def test_bad_values_name_their_key():
     assert "config.mesh" in msg and "8 devices" in msg
     assert "config.train.microbatches=3" in _errors(train__microbatches=3)
     assert "joint_attention_dim" in _errors(model__transformer__joint_attention_dim=48)
+    assert "text_pos_embed_len=16 is shorter than config.data.text_length=32" in _errors(
+        model__transformer__text_pos_embed_len=16)
 
 
 def test_missing_init_from_is_an_error():

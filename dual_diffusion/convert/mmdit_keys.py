@@ -55,6 +55,7 @@ def mmdit_rules(cfg: MMDiTConfig) -> list[Rule]:
     """Every key of a D-DiT transformer state dict -> our MMDiT state path (bijective)."""
     rules = [
         Rule("null_image_embd", ("null_image_embd",)),
+        *([Rule("text_pos_embed", ("text_pos_embed",))] if cfg.text_pos_embed_len else []),
         Rule("pos_embed.pos_embed", ("pos_embed", "pos_embed")),
         Rule("pos_embed.proj.weight", ("pos_embed", "kernel"), "conv"),
         Rule("pos_embed.proj.bias", ("pos_embed", "bias")),
@@ -89,7 +90,7 @@ def sd3_init_plan(cfg: MMDiTConfig, source_keys: Iterable[str]) -> tuple[list[Ru
     # A context_pre_only last block has a 2-way AdaLN-continuous text norm under the same name
     # as our 6-way one, and no text output projection / MLP: those are new.
     fresh_prefixes = (last + "norm1_context.", last + "attn.to_add_out.", last + "ff_context.",
-                      "text_proj_out.", "null_image_embd")
+                      "text_proj_out.", "null_image_embd", "text_pos_embed")
     used, new = [], []
     for rule in mmdit_rules(cfg):
         source = rule.source

@@ -72,6 +72,10 @@ class MMDiTConfig(_Config):
     qk_norm: str | None = None  # None or "rms_norm" (SD3.5)
     dual_attention_layers: tuple[int, ...] = ()  # SD3.5: blocks with an extra image self-attention
     num_null_image_tokens: int = 8
+    # > 0: a learned (text_pos_embed_len, hidden) position table added to the text stream. Off in the
+    # release (T5 carries the positions); from-scratch models need it to tell the slots of an all-[MASK]
+    # caption apart. Not a diffusers option: exported as an extra config key and state dict entry.
+    text_pos_embed_len: int = 0
 
     @property
     def hidden_size(self) -> int:
@@ -133,6 +137,7 @@ def mmdit_from_diffusers(config: Mapping[str, Any], vocab_size: int) -> MMDiTCon
         vocab_size=vocab_size,
         qk_norm=config.get("qk_norm"),
         dual_attention_layers=tuple(config.get("dual_attention_layers") or ()),
+        text_pos_embed_len=config.get("text_pos_embed_len", 0),
     )
 
 
@@ -154,6 +159,7 @@ def mmdit_to_diffusers(cfg: MMDiTConfig) -> dict:
         "qk_norm": cfg.qk_norm,
         "dual_attention_layers": list(cfg.dual_attention_layers),
         "vocab_size": cfg.vocab_size,
+        **({"text_pos_embed_len": cfg.text_pos_embed_len} if cfg.text_pos_embed_len else {}),
     }
 
 

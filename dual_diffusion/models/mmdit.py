@@ -1,10 +1,12 @@
 """The D-DiT network: SD3's MM-DiT with a full last block, an image head and a text head.
 
 REFERENCE.md, Network. Image latents (NHWC) become patch tokens, text hidden
-states go through `context_embedder`; every block is a joint block (two
-streams with their own AdaLN-Zero modulation, q/k/v, output projection and
-GELU(tanh) MLP; one attention over [image; text]). The forward returns the
-rectified-flow velocity (NHWC) and the text logits.
+states go through `context_embedder` (plus, if `text_pos_embed_len > 0`, a
+learned text position table: an option for models trained from scratch, absent
+from the release); every block is a joint block (two streams with their own
+AdaLN-Zero modulation, q/k/v, output projection and GELU(tanh) MLP; one
+attention over [image; text]). The forward returns the rectified-flow velocity
+(NHWC) and the text logits.
 
 Precision: parameters stay in `runtime.param_dtype`; matmuls run in
 `runtime.dtype`; the residual streams, norms and softmax are float32, and both
@@ -165,6 +167,9 @@ class MMDiT(nnx.Module):
         self.text_out_proj = Linear(d, cfg.vocab_size, ("embed", "vocab"), kernel_init=zeros, **kw)
         self.null_image_embd = param(nnx.initializers.normal(d ** -0.5), rngs, (1, cfg.num_null_image_tokens, d),
                                      (None, None, "embed"), runtime.param_dtype)
+        self.text_pos_embed = (param(nnx.initializers.normal(d ** -0.5), rngs, (1, cfg.text_pos_embed_len, d),
+                                     (None, None, "embed"), runtime.param_dtype)
+                               if cfg.text_pos_embed_len else None)
 
     def _run_blocks(self, x, c, temb):
         """Runs blocks in order; with scan_layers, each run of identical consecutive blocks is one lax.scan."""
@@ -207,6 +212,11 @@ class MMDiT(nnx.Module):
             x = jnp.broadcast_to(self.null_image_embd[...].astype(jnp.float32), (b,) + self.null_image_embd.shape[1:])
         temb = self.time_embed(timestep)
         c = self.context_embedder(text_hidden, out_dtype=jnp.float32)
+        if self.text_pos_embed is not None:
+            n_max = self.text_pos_embed.shape[1]
+            if c.shape[1] > n_max:
+                raise ValueError(f"MMDiT: text length {c.shape[1]} exceeds text_pos_embed_len={n_max}")
+            c = c + self.text_pos_embed[:, :c.shape[1]].astype(jnp.float32)
         x, c = self._run_blocks(x, c, temb)
 
         velocity = None

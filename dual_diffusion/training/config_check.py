@@ -135,6 +135,9 @@ def _check_models(config) -> list[str]:
     if mm.in_channels != want_ch:
         errors.append(f"config.model.transformer.in_channels={mm.in_channels}: latent_space="
                       f"{config.model.latent_space!r} gives {want_ch} channels")
+    if mm.text_pos_embed_len and mm.text_pos_embed_len < config.data.text_length:
+        errors.append(f"config.model.transformer.text_pos_embed_len={mm.text_pos_embed_len} is shorter than "
+                      f"config.data.text_length={config.data.text_length}")
     if -1 not in (mm.vocab_size, t5.vocab_size) and mm.vocab_size > t5.vocab_size:
         errors.append(f"config.model.transformer.vocab_size={mm.vocab_size} exceeds the text encoder's "
                       f"vocab_size={t5.vocab_size}")
