@@ -43,6 +43,7 @@ def get_config(arg=None):
     t.pos_embed_max_size = 16
     t.vocab_size = common.VOCAB_FROM_TOKENIZER
     t.num_null_image_tokens = 4
+    t.text_pos_embed_len = 32  # a learned text position table: caption slots start distinguishable
     e = c.model.text_encoder
     e.vocab_size = common.VOCAB_FROM_TOKENIZER
     e.d_model, e.d_kv, e.d_ff, e.num_layers, e.num_heads = 64, 16, 128, 2, 4
@@ -84,5 +85,30 @@ def get_config(arg=None):
     c.samples.min_new_tokens = 1
     c.eval.shapes_suite = True
     c.eval.shapes_suite_size = 32
+    if arg == "gpu":
+        _gpu_variant(c)
+        arg = None
     common.apply_variant(c, arg)
     return common.finalize(c)
+
+
+def _gpu_variant(c) -> None:
+    """`configs/demo.py:gpu`: the same world and recipe at a size for one accelerator (an 8-layer,
+    width-384 MM-DiT, a 4-layer T5 of width 128, batch 128 per half, 20K steps, bf16 compute)."""
+    t = c.model.transformer
+    t.num_layers, t.num_attention_heads, t.attention_head_dim = 8, 6, 64
+    t.joint_attention_dim = 128
+    e = c.model.text_encoder
+    e.d_model, e.d_kv, e.d_ff, e.num_layers, e.num_heads = 128, 32, 256, 4, 4
+    c.runtime.dtype = "bfloat16"
+    c.runtime.attention_impl = "auto"
+    c.optimizer.lr = 5e-4
+    c.optimizer.warmup_steps = 500
+    c.ema.decay = 0.999
+    c.train.batch_size = 128
+    c.train.num_steps = 20_000
+    c.train.log_every = 100
+    c.checkpoint.every_steps = 2000
+    c.checkpoint.keep = 3
+    c.samples.every_steps = 2000
+    c.eval.shapes_suite_size = 300
