@@ -275,8 +275,9 @@ def test_text_position_table_breaks_the_all_mask_symmetry():
         graphdef, state = nnx.split(model)
         # Non-zero heads and modulations, so the logits depend on the text stream.
         state = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), state)
-        _, logits = nnx.merge(graphdef, state)(latents, text, t)
-        return float(np.max(np.std(np.asarray(logits), axis=1))), nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, state)
+        _, logits = model(latents, text, t)
+        return float(np.max(np.std(np.asarray(logits), axis=1))), model
 
     off, _ = spread(dataclasses.replace(base, text_pos_embed_len=0))
     on, model = spread(base)
