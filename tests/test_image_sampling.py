@@ -35,11 +35,44 @@ def _err(steps, method, shift):
 
 
 def test_time_grid_and_shifts():
-    g = np.asarray(time_grid(28, 3.0))
+    g = np.asarray(time_grid(28, 3.0, "linspace"))
     assert g.shape == (29,) and g[0] == 1.0 and g[-1] == 0.0 and np.all(np.diff(g) < 0)
     lin = np.linspace(1, 0, 29)
     np.testing.assert_allclose(g, 3 * lin / (1 + 2 * lin), atol=1e-6)
-    np.testing.assert_allclose(time_grid(10, 1.0), np.linspace(1, 0, 11), atol=1e-7)
+    np.testing.assert_allclose(time_grid(10, 1.0, "linspace"), np.linspace(1, 0, 11), atol=1e-7)
+    with pytest.raises(ValueError, match="kind='karras'"):
+        time_grid(10, 3.0, "karras")
+
+
+@pytest.mark.parametrize("steps", [28, 50])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_default_grid_is_diffusers_flow_match_euler(steps, shift):
+    """The release samples with diffusers' scheduler (default num_train_timesteps=1000): same levels."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    want = scheduler.sigmas.numpy()
+    got = np.asarray(time_grid(steps, shift))
+    assert got.dtype == np.float32 and got.shape == want.shape == (steps + 1,)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # The network sees timestep = 1000 s, the scheduler's own timesteps.
+    np.testing.assert_allclose(1000.0 * got[:-1], scheduler.timesteps.numpy(), rtol=0, atol=1e-3)
+    if steps == 28 and shift == 3.0:  # the figures REFERENCE.md's errata quote
+        np.testing.assert_allclose(got[-4:], [0.200, 0.111, 0.009, 0.0], atol=5e-4)
+
+
+def test_sample_images_follows_the_grid():
+    """Euler on the default grid is Euler on diffusers' levels; "linspace" is the other grid."""
+    velocity = lambda x, cond, t: jnp.broadcast_to((t / 1000.0).reshape(-1, 1, 1, 1), x.shape)  # noqa: E731
+    # With v = s, one Euler step from s to s' adds (s' - s) s: the sum records the grid.
+    for kind in ("diffusers", "linspace"):
+        g = np.asarray(time_grid(5, 3.0, kind), np.float64)
+        x = sample_images(velocity, jnp.zeros((1, 1, 1, 1)), None, steps=5, cfg_scale=1.0, grid=kind)
+        np.testing.assert_allclose(float(x[0, 0, 0, 0]), np.sum(np.diff(g) * g[:-1]), rtol=1e-5)
+    default = sample_images(velocity, jnp.zeros((1, 1, 1, 1)), None, steps=5, cfg_scale=1.0)
+    explicit = sample_images(velocity, jnp.zeros((1, 1, 1, 1)), None, steps=5, cfg_scale=1.0,
+                             grid=time_grid(5, 3.0, "diffusers"))
+    assert float(default[0, 0, 0, 0]) == float(explicit[0, 0, 0, 0])
     assert resolution_shift(256) == pytest.approx(np.exp(0.5))
     assert resolution_shift(4096) == pytest.approx(np.exp(1.15))
     assert resolution_shift(1024) > resolution_shift(256)

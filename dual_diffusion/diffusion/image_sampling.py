@@ -1,7 +1,7 @@
 """Image sampling: integrate the rectified-flow ODE dx/ds = v(x, s) from s = 1 (noise) to 0.
 
-REFERENCE.md, Inference: Euler, 28 steps, SD3 shift 3.0, CFG 7.0 against the empty
-prompt. Everything here is traceable: the step loop is one `lax.fori_loop`, so the
+REFERENCE.md, Inference (and Errata): Euler, 28 steps, SD3 shift 3.0, CFG 7.0 against
+the empty prompt, on the noise levels of diffusers' FlowMatchEulerDiscreteScheduler. Everything here is traceable: the step loop is one `lax.fori_loop`, so the
 caller jits the whole sampler once, e.g.
 
     @jax.jit
@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 VelocityFn = Callable[[jax.Array, Any, jax.Array], jax.Array]
 
@@ -27,13 +28,34 @@ def shift_times(s, shift: float):
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
-def time_grid(steps: int, shift: float = 3.0) -> jax.Array:
-    """Noise levels s_0 = 1 > s_1 > ... > s_steps = 0, float32 (steps + 1,)."""
+GRIDS = ("diffusers", "linspace")
+
+
+def time_grid(steps: int, shift: float = 3.0, kind: str = "diffusers",
+              num_train_timesteps: int = 1000) -> jax.Array:
+    """Noise levels s_0 = 1 > s_1 > ... > s_steps = 0, float32 (steps + 1,).
+
+    kind="diffusers" (default; the release's sampler): the levels of diffusers'
+      `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(steps)`. The scheduler's
+      lowest level is its training grid's last one, 1/num_train_timesteps, already
+      shifted; inference spaces `steps` levels evenly from 1 down to it, shifts them
+      (a second time for that end point), and appends 0. With shift 3 and 28 steps the
+      last levels are 0.200, 0.111, 0.009, 0: one step at almost no noise.
+    kind="linspace": shift(linspace(1, 0, steps + 1)) (last levels 0.265, 0.188, 0.100, 0
+      for 28 steps at shift 3): the noise-free end point is on the grid itself.
+    """
     if steps < 1:
         raise ValueError(f"time_grid: steps={steps}; expected >= 1")
     if shift <= 0:
         raise ValueError(f"time_grid: shift={shift}; expected > 0")
-    return shift_times(jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32), shift)
+    if kind == "linspace":
+        return shift_times(jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32), shift)
+    if kind != "diffusers":
+        raise ValueError(f"time_grid: kind={kind!r}; expected one of {GRIDS}")
+    # float64 on the host, then float32 like the scheduler's sigmas.
+    lowest = shift_times(1.0 / num_train_timesteps, shift)
+    levels = shift_times(np.linspace(1.0, lowest, steps, dtype=np.float64), shift)
+    return jnp.asarray(np.append(levels, 0.0), jnp.float32)
 
 
 def resolution_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -84,7 +106,7 @@ STEPPERS = {"euler": (_euler, 1), "heun": (_heun, 2)}
 def sample_images(velocity_fn: VelocityFn, noise_BxHxWxC: jax.Array, cond: Any, uncond: Any = None, *,
                   steps: int = 28, method: str = "euler", shift: float = 3.0, cfg_scale: float = 7.0,
                   inpaint_mask: jax.Array | None = None, known_latents: jax.Array | None = None,
-                  rng: jax.Array | None = None, grid: jax.Array | None = None,
+                  rng: jax.Array | None = None, grid: str | jax.Array = "diffusers",
                   return_stats: bool = False):
     """Latents (float32, shape of the noise) from noise by the flow ODE.
 
@@ -94,9 +116,9 @@ def sample_images(velocity_fn: VelocityFn, noise_BxHxWxC: jax.Array, cond: Any, 
       [cond; uncond] and uses v_u + cfg (v_c - v_u); a negative prompt is just a
       different uncond.
     method: "euler" (1 call per step) or "heun" (2 calls per step, second order).
-    grid: optional explicit noise levels (steps + 1,) from 1 to 0; default
-      `time_grid(steps, shift)` (pass `shift=resolution_shift(...)` for the
-      resolution-dependent variant).
+    grid: a `time_grid` kind ("diffusers", the release's scheduler, or "linspace"),
+      or explicit noise levels (steps + 1,) from 1 to 0. `shift` applies to the
+      kinds (pass `shift=resolution_shift(...)` for the resolution-dependent variant).
     In-painting (no retraining): `inpaint_mask` (broadcastable to the latents,
       True = known) and `known_latents`. After every step the known region is reset
       to its point on the noising path, (1 - s) known + s e, with e the initial noise
@@ -109,7 +131,7 @@ def sample_images(velocity_fn: VelocityFn, noise_BxHxWxC: jax.Array, cond: Any, 
         raise ValueError("sample_images: inpaint_mask and known_latents go together")
     if known_latents is not None and known_latents.shape != noise_BxHxWxC.shape:
         raise ValueError(f"sample_images: known_latents {known_latents.shape} != noise {noise_BxHxWxC.shape}")
-    sigmas = time_grid(steps, shift) if grid is None else jnp.asarray(grid, jnp.float32)
+    sigmas = time_grid(steps, shift, grid) if isinstance(grid, str) else jnp.asarray(grid, jnp.float32)
     if sigmas.shape != (steps + 1,):
         raise ValueError(f"sample_images: grid {sigmas.shape}; expected ({steps + 1},)")
     step_fn, calls_per_step = STEPPERS[method]
@@ -134,4 +156,4 @@ def sample_images(velocity_fn: VelocityFn, noise_BxHxWxC: jax.Array, cond: Any, 
     return x
 
 
-__all__ = ["shift_times", "time_grid", "resolution_shift", "sample_images", "STEPPERS"]
+__all__ = ["shift_times", "time_grid", "GRIDS", "resolution_shift", "sample_images", "STEPPERS"]
