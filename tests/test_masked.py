@@ -134,6 +134,44 @@ def test_matches_release_text_loss_in_torch():
     assert ours == pytest.approx(ref, rel=1e-5)
 
 
+def _release_sft_text_loss(logits, x0, xt, t, label_mask, per_example=False):
+    """Transcription of the release's stage-3 text loss in torch: SUBS log-probs, MDLM weight
+    dsigma / expm1(sigma), times the label mask (answer + EOS padding), summed and divided by
+    B x L (`ignore_padding` false); per_example: each row by its own label count, then the mean."""
+    lg = torch.tensor(np.asarray(logits), dtype=torch.float32)
+    ids, xt, tt = (torch.tensor(np.asarray(a)) for a in (x0, xt, t))
+    lab = torch.tensor(np.asarray(label_mask), dtype=torch.float32)
+    lg[:, :, MASK] += -1e6
+    logp = lg - torch.logsumexp(lg, -1, keepdim=True)
+    lp = torch.gather(logp, -1, ids[..., None].long())[..., 0]
+    lp = torch.where(xt == MASK, lp, torch.zeros_like(lp))
+    sigma = -torch.log1p(-(1 - EPS) * tt)
+    dsigma = (1 - EPS) / (1 - (1 - EPS) * tt)
+    loss = -lp * (dsigma / torch.expm1(sigma))[:, None] * lab
+    if per_example:
+        return float((loss.sum(1) / lab.sum(1)).mean())
+    return float(loss.sum() / (lab.shape[0] * lab.shape[1]))
+
+
+def test_stage3_normalisations_match_release_transcription():
+    """Known batch with stage-3 rows: a fixed prompt of varying length, then answer + EOS padding labelled."""
+    B, L = 4, 16
+    logits, target, _, t = _batch(5, B=B, L=L)
+    prompt_len = jnp.array([3, 6, 9, 12])
+    fixed = jnp.arange(L)[None, :] < prompt_len[:, None]
+    noisy = mask_tokens(jax.random.key(9), target, t, MASK, maskable_BxL=~fixed)
+    label = ~fixed  # the release: the label mask padded with ones after the answer
+    batch_tokens = float(jnp.mean(masked_diffusion_loss(logits, target, noisy, t, MASK, label_mask_BxL=label,
+                                                        normalization="batch_tokens")))
+    per_example = float(jnp.mean(masked_diffusion_loss(logits, target, noisy, t, MASK, label_mask_BxL=label,
+                                                       normalization="per_example")))
+    assert batch_tokens == pytest.approx(_release_sft_text_loss(logits, target, noisy, t, label), rel=1e-5)
+    assert per_example == pytest.approx(_release_sft_text_loss(logits, target, noisy, t, label, True), rel=1e-5)
+    assert abs(batch_tokens - per_example) > 1e-3 * per_example  # the two rules really differ here
+    with pytest.raises(ValueError, match="normalization='tokens'"):
+        masked_diffusion_loss(logits, target, noisy, t, MASK, normalization="tokens")
+
+
 def test_gradient_matches_autodiff_and_bf16():
     logits, target, noisy, t = _batch(4)
 

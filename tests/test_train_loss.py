@@ -2,9 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from train_helpers import EOS_ID, MASK_ID, VOCAB, tiny_batch
 
-from dual_diffusion.training.loss import LossConfig, Networks, corrupt, dual_loss, per_example_losses
+from dual_diffusion.training.loss import (LossConfig, Networks, corrupt, dual_loss, encode_image_halves,
+                                          per_example_losses)
 
 D = 16
 
@@ -80,3 +82,74 @@ def test_gradient_flows_to_text_encoder_input_of_both_halves():
     used_caption = np.unique(np.asarray(batch["t2i"]["text_ids"]))
     assert np.abs(g[MASK_ID]).sum() > 0  # masked ids of the text half
     assert np.abs(g[used_caption]).sum() > 0
+
+
+def _stage3_batch():
+    """tiny_batch with stage-3 label masks: the prompt fixed, answer + EOS padding labelled (release)."""
+    batch = _batch()
+    fixed = jnp.arange(batch["i2t"]["text_ids"].shape[1])[None, :] < jnp.arange(1, 9)[:, None] % 6 + 1
+    batch["i2t"]["fixed_mask"], batch["i2t"]["label_mask"] = fixed, ~fixed
+    return batch
+
+
+def test_text_normalization_batch_tokens_is_release_rule():
+    """loss_text = sum of weighted label-masked NLL / (B x L) ('batch_tokens'), or the mean of per-row means."""
+    nets, batch = _nets(), _stage3_batch()
+    for norm in ("batch_tokens", "per_example"):
+        cfg = LossConfig(MASK_ID, EOS_ID, text_normalization=norm)
+        noised = corrupt(batch, jax.random.key(6), cfg, (16, 16, 3))
+        _, m = dual_loss(nets, batch, jax.random.key(6), cfg)
+        _, logits = nets.denoise(batch["i2t"]["image"], nets.encode_text(noised["noisy_ids"]),
+                                 jnp.zeros((8,), jnp.float32))
+        # The release's formula, written out in numpy (SUBS: the mask logit is -inf; MDLM weight 1/t-ish).
+        lg = np.asarray(logits, np.float64)
+        lg[..., MASK_ID] = -np.inf
+        logp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+        x0, xt = np.asarray(batch["i2t"]["text_ids"]), np.asarray(noised["noisy_ids"])
+        nll = -np.take_along_axis(logp, x0[..., None], -1)[..., 0] * (xt == MASK_ID)
+        t = np.asarray(noised["t_B"], np.float64)
+        sigma, dsigma = -np.log1p(-(1 - 1e-3) * t), (1 - 1e-3) / (1 - (1 - 1e-3) * t)
+        label = np.asarray(batch["i2t"]["label_mask"], np.float64)
+        loss = nll * (dsigma / np.expm1(sigma))[:, None] * label
+        want = loss.sum() / loss.size if norm == "batch_tokens" else (loss.sum(1) / label.sum(1)).mean()
+        np.testing.assert_allclose(float(m["loss_text"]), want, rtol=1e-5, err_msg=norm)
+
+
+def _posterior_nets():
+    """Stand-in VAE posterior: mean and std vary per pixel (std in [0.2, 1.8])."""
+    base = _nets()
+    posterior = lambda x: (0.5 * x + 0.1, 1.0 + 0.8 * jnp.sin(3.0 * x))  # noqa: E731
+    return Networks(encode_text=base.encode_text, encode_image=lambda x: posterior(x)[0], denoise=base.denoise,
+                    encode_posterior=posterior)
+
+
+def test_latent_sampling_mean_and_sample():
+    nets, batch = _posterior_nets(), _batch()
+    images = jnp.concatenate([batch["t2i"]["image"], batch["i2t"]["image"]])
+    mean, std = nets.encode_posterior(images)
+    latents = {}
+    for fused in (True, False):
+        for mode in ("mean", "sample"):
+            cfg = LossConfig(MASK_ID, EOS_ID, latent_sampling=mode, fused=fused)
+            noised = corrupt(batch, jax.random.key(7), cfg, (16, 16, 3))
+            assert ("latent_noise_t2i" in noised) == (mode == "sample")
+            halves = encode_image_halves(nets, batch["t2i"]["image"], batch["i2t"]["image"], fused,
+                                         (noised.get("latent_noise_t2i"), noised.get("latent_noise_i2t")))
+            latents[fused, mode] = np.asarray(jnp.concatenate(halves))
+    np.testing.assert_array_equal(latents[True, "mean"], np.asarray(mean))
+    np.testing.assert_allclose(latents[True, "sample"], latents[False, "sample"], rtol=1e-6)
+    z = (latents[True, "sample"] - np.asarray(mean)) / np.asarray(std)  # 12288 standard normal draws
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1.0) < 0.03
+    # The draw is a function of the step's key (exact resume), and a new key gives a new draw.
+    cfg = LossConfig(MASK_ID, EOS_ID)
+    again = corrupt(batch, jax.random.key(7), cfg, (16, 16, 3))["latent_noise_t2i"]
+    other = corrupt(batch, jax.random.key(8), cfg, (16, 16, 3))["latent_noise_t2i"]
+    first = corrupt(batch, jax.random.key(7), cfg, (16, 16, 3))
+    np.testing.assert_array_equal(again, first["latent_noise_t2i"])
+    assert not np.allclose(again, other)
+    # Folding the latent noise in left every other draw of a step as it was.
+    old = corrupt(batch, jax.random.key(7), LossConfig(MASK_ID, EOS_ID, latent_sampling="mean"), (16, 16, 3))
+    for k in old:
+        np.testing.assert_array_equal(old[k], first[k], err_msg=k)
+    with pytest.raises(ValueError, match="loss.latent_sampling='mode'"):
+        LossConfig(MASK_ID, EOS_ID, latent_sampling="mode")

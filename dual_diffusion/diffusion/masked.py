@@ -150,18 +150,25 @@ def _subs_nll_bwd(mask_id, residuals, g_BxL):
 subs_nll.defvjp(_subs_nll_fwd, _subs_nll_bwd)
 
 
+NORMALIZATIONS = ("per_example", "batch_tokens")
+
+
 def masked_diffusion_loss(logits_BxLxV: jax.Array, target_ids_BxL: jax.Array, noisy_ids_BxL: jax.Array,
                           t_B: jax.Array, mask_id: int, schedule: Schedule = Schedule(),
                           label_mask_BxL: jax.Array | None = None, count_padding: bool = True,
-                          pad_mask_BxL: jax.Array | None = None) -> jax.Array:
+                          pad_mask_BxL: jax.Array | None = None, normalization: str = "per_example") -> jax.Array:
     """Per-example SUBS continuous-time loss, float32 (B,).
 
     loss_b = w(t_b) * sum_{l counted and masked} -log p(x0_l | x_t) / N_b,
-    counted = label_mask (all if None) and, unless count_padding, not padding;
-    N_b = number of counted positions (masked or not; at least 1). With no label
-    mask and padding counted, N_b = L, so mean_b(loss_b) equals the release's mean
-    over all B*L tokens. Dividing by counted positions (not by masked ones) keeps
-    the estimate an unbiased per-token ELBO: N_b does not depend on the random mask.
+    counted = label_mask (all if None) and, unless count_padding, not padding.
+
+    normalization "per_example": N_b = number of counted positions of row b (masked
+    or not; at least 1): every example weighs the same whatever its label count.
+    Dividing by counted positions (not by masked ones) keeps the estimate an
+    unbiased per-token ELBO: N_b does not depend on the random mask.
+    normalization "batch_tokens": N_b = L, so mean_b(loss_b) = (summed weighted loss)
+    / (B * L): the release's rule (`ignore_padding` false), where an example weighs in
+    proportion to its label count. With every position counted the two agree.
     """
     B, L, _ = logits_BxLxV.shape
     for name, arr in (("target_ids", target_ids_BxL), ("noisy_ids", noisy_ids_BxL),
@@ -171,6 +178,8 @@ def masked_diffusion_loss(logits_BxLxV: jax.Array, target_ids_BxL: jax.Array, no
                              f"{logits_BxLxV.shape}")
     if not count_padding and pad_mask_BxL is None:
         raise ValueError("masked_diffusion_loss: count_padding=False needs pad_mask_BxL")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"masked_diffusion_loss: normalization={normalization!r}; expected one of {NORMALIZATIONS}")
     counted = jnp.ones((B, L), bool)
     if label_mask_BxL is not None:
         counted &= label_mask_BxL.astype(bool)
@@ -178,8 +187,11 @@ def masked_diffusion_loss(logits_BxLxV: jax.Array, target_ids_BxL: jax.Array, no
         counted &= ~pad_mask_BxL.astype(bool)
     scored = counted & (noisy_ids_BxL == mask_id)
     nll = jnp.where(scored, subs_nll(logits_BxLxV, target_ids_BxL, mask_id), 0.0)
-    n_counted = jnp.maximum(jnp.sum(counted, axis=1), 1).astype(jnp.float32)
+    if normalization == "batch_tokens":
+        n_counted = jnp.float32(L)
+    else:
+        n_counted = jnp.maximum(jnp.sum(counted, axis=1), 1).astype(jnp.float32)
     return schedule.loss_weight(t_B) * jnp.sum(nll, axis=1) / n_counted
 
 
-__all__ = ["Schedule", "antithetic_times", "mask_tokens", "subs_nll", "masked_diffusion_loss"]
+__all__ = ["NORMALIZATIONS", "Schedule", "antithetic_times", "mask_tokens", "subs_nll", "masked_diffusion_loss"]

@@ -24,14 +24,30 @@ from dual_diffusion.training.state import Plan, apply_mask, update_mask
 
 
 def make_networks(plan: Plan, params: dict, frozen: dict, latent_shift: float, latent_scale: float) -> Networks:
+    """The loss's network callables over (params, frozen).
+
+    A T5 with nothing in `params` (text_encoder_trainable "none") is wrapped in
+    stop_gradient: it costs a forward pass only, never a backward one.
+    """
     transformer = plan.split.merge("transformer", params, frozen)
     text_encoder = plan.split.merge("text_encoder", params, frozen)
-    if "vae" in plan.split.graphdefs:
-        vae = plan.split.merge("vae", params, frozen)
-        encode_image = lambda images: (vae.encode(images).astype(jnp.float32) - latent_shift) * latent_scale
-    else:  # pixel space (demo): the [-1, 1] image is the latent
-        encode_image = lambda images: images.astype(jnp.float32)
-    return Networks(encode_text=text_encoder, encode_image=encode_image, denoise=transformer)
+    encode_text = text_encoder if "text_encoder" in params else _frozen(text_encoder)
+    if "vae" not in plan.split.graphdefs:  # pixel space (demo): the [-1, 1] image is the latent
+        return Networks(encode_text=encode_text, encode_image=lambda images: images.astype(jnp.float32),
+                        denoise=transformer)
+    vae = plan.split.merge("vae", params, frozen)
+
+    def encode_posterior(images):
+        """(mean, std) of the VAE posterior in latent units: a draw is (z - shift) * scale."""
+        mean, logvar = vae.encode_moments(images)
+        return (mean - latent_shift) * latent_scale, jnp.exp(0.5 * logvar) * latent_scale
+
+    return Networks(encode_text=encode_text, encode_image=lambda images: encode_posterior(images)[0],
+                    denoise=transformer, encode_posterior=encode_posterior)
+
+
+def _frozen(module):
+    return lambda *args: jax.lax.stop_gradient(module(*args))
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
