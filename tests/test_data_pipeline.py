@@ -192,7 +192,7 @@ def test_wds_tfds_llava_through_the_pipeline(tmp_path, tok):
                                                   {"from": "gpt", "value": "two"}]}] * 3
     (tmp_path / "llava.json").write_text(json.dumps(llava))
     cfg = _config([{"kind": "wds", "path": str(tmp_path)}, {"kind": "tfds", "path": str(tmp_path / "tfds")}],
-                  [{"kind": "llava", "path": str(tmp_path / "llava.json")}], text_length=48)
+                  [{"kind": "llava", "path": str(tmp_path / "llava.json"), "suffix": "short_answer"}], text_length=48)
     batches = _take(pipeline.make_dual_iterator(cfg, tok, global_batch_size=4), 4)
     captions = {tok.decode(ids) for b in batches for ids in b["t2i"]["text_ids"]}
     assert captions == {f"photo number {k}" for k in range(4)}
@@ -251,3 +251,53 @@ def test_caption_label_padding_option(tok):
             first_eos = int(np.flatnonzero(ids == tok.eos_id)[0])
             assert la.all() and lb[: first_eos + 1].all() and not lb[first_eos + 1:].any()
     assert n_caption > 0
+
+
+def test_release_size_filter_is_counted_as_skips(tmp_path, tok):
+    """At 256 px: a 200 px image and a 5:1 panorama are dropped and counted; the 256 px and 4:1 ones stay."""
+    root = tmp_path / "sizes"
+    root.mkdir()
+    sizes = {"small": (300, 200), "wide": (1280, 256), "square": (256, 256), "four": (1024, 256)}
+    for name, size in sizes.items():
+        (root / f"{name}.png").write_bytes(_png(100, size=size))
+    (root / "meta.json").write_text(json.dumps([{"image_path": f"{n}.png", "caption": n} for n in sizes]))
+    spec = [{"kind": "json", "path": str(root / "meta.json")}]
+    cfg = _config(spec, [{"kind": "shapes", "seed": 0}], image_size=256, text_length=8)
+    assert (cfg.min_image_side, cfg.max_aspect_ratio) == (256, 4.0)  # the release's filter is the default
+    batches = _take(pipeline.make_dual_iterator(cfg, tok, global_batch_size=1), 6)
+    kept = {tok.decode(b["t2i"]["text_ids"][0]) for b in batches}
+    assert kept == {"square", "four"}
+    # 6 good examples = 3 passes over the 4 records, 2 skipped per pass (the last ones may still be pending).
+    assert 4 <= sum(int(b["stats"]["skipped_t2i"]) for b in batches) <= 6
+    off = _config(spec, [{"kind": "shapes", "seed": 0}], image_size=256, text_length=8, min_image_side=0,
+                  max_aspect_ratio=0.0)
+    batches = _take(pipeline.make_dual_iterator(off, tok, global_batch_size=4), 2)
+    assert {tok.decode(ids) for b in batches for ids in b["t2i"]["text_ids"]} == set(sizes)
+    assert sum(int(b["stats"]["skipped"]) for b in batches) == 0
+
+
+def test_tiny_images_under_the_size_filter_default(tok):
+    """The side limit is capped at image_size: the demo's 32 px shapes world is never filtered."""
+    cfg = _config([{"kind": "shapes", "seed": 2, "num_records": 20}], [{"kind": "shapes", "seed": 3}],
+                  image_size=32, text_length=32)
+    batches = _take(pipeline.make_dual_iterator(cfg, tok, global_batch_size=4), 3)
+    assert sum(int(b["stats"]["skipped"]) for b in batches) == 0
+
+
+def test_stage3_llava_prompts_and_label_padding(tmp_path, tok):
+    """First turn only, the source's suffix, and (vqa_label_padding) the answer plus all its EOS padding labelled."""
+    (tmp_path / "0.png").write_bytes(_png(0))
+    conv = [{"from": "human", "value": "<image>\nhow many squares are there?"}, {"from": "gpt", "value": "two"},
+            {"from": "human", "value": "what color?"}, {"from": "gpt", "value": "red"}]
+    (tmp_path / "llava.json").write_text(json.dumps([{"image": "0.png", "conversations": conv}] * 3))
+    spec = {"kind": "llava", "path": str(tmp_path / "llava.json")}
+    prefixes = {"none": "Q: how many squares are there? A:",
+                "short_answer": "Q: how many squares are there? Answer the question using a single word or phrase. A:"}
+    for suffix, prefix in prefixes.items():
+        cfg = _config([{"kind": "shapes", "seed": 0}], [dict(spec, suffix=suffix)], text_length=48,
+                      vqa_label_padding=True)
+        i2t = next(pipeline.make_dual_iterator(cfg, tok, global_batch_size=4))["i2t"]
+        for row, label, fixed in zip(i2t["text_ids"], i2t["label_mask"], i2t["fixed_mask"]):
+            assert tok.decode(row[fixed]) == prefix
+            assert np.array_equal(label, ~fixed) and tok.decode(row[label]) == "two"
+            assert (row[label][1:] == tok.eos_id).all() and label.sum() > 2

@@ -104,12 +104,22 @@ def test_llava_source(tmp_path):
         {"from": "human", "value": "Is it round?"}, {"from": "gpt", "value": "No"}]},
         {"id": "2", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
     (tmp_path / "llava.json").write_text(json.dumps(convs))
-    src = sources.LlavaSource(str(tmp_path / "llava.json"))
+    src = sources.LlavaSource(str(tmp_path / "llava.json"), turns="all", suffix="short_answer")
     assert len(src) == 3
     assert (src[0]["question"], src[0]["answer"]) == ("What color is it?", "Blue")
     assert (src[1]["question"], src[1]["answer"]) == ("Is it round?", "No")
     assert src[0]["caption"] == "" and src[0]["error"] is None
     assert "no image" in src[2]["error"]
+    assert {src[i]["prompt_suffix"] for i in range(3)} == {"short_answer"}
+    # The release's default: the first turn of each conversation only, no suffix.
+    first = sources.LlavaSource(str(tmp_path / "llava.json"))
+    assert len(first) == 2 and (first[0]["question"], first[0]["answer"]) == ("What color is it?", "Blue")
+    assert "no image" in first[1]["error"] and first[0]["prompt_suffix"] == "none"
+    with pytest.raises(ValueError, match="turns='second'"):
+        sources.LlavaSource(str(tmp_path / "llava.json"), turns="second")
+    with pytest.raises(ValueError, match="suffix='short'"):
+        sources.build_source({"kind": "llava", "path": str(tmp_path / "llava.json"), "suffix": "short"},
+                             image_size=8, stream="i2t")
 
 
 def test_shapes_source_tasks():
@@ -157,3 +167,17 @@ def test_resize_center_crop_and_antialias():
     assert np.abs(small.astype(float) - 127.5).max() < 10
     norm = transforms.normalize(np.array([[[0, 255, 128]]], np.uint8))
     np.testing.assert_allclose(norm, [[[-1.0, 1.0, 128 / 127.5 - 1]]], atol=1e-6)
+
+
+def test_size_filter_of_the_release():
+    """Shorter side under min_side or long/short over max_aspect: a bad record, judged before decoding."""
+    for size, ok in (((300, 256), True), ((300, 255), False), ((1024, 256), True), ((1025, 256), False)):
+        data = _png((1, 2, 3), size=size)
+        if ok:
+            assert transforms.decode_image(data, size_hint=64, min_side=256, max_aspect=4.0)[0].shape[2] == 3
+        else:
+            with pytest.raises(transforms.BadRecord, match="min_image_side 256|max_aspect_ratio 4"):
+                transforms.decode_image(data, size_hint=64, min_side=256, max_aspect=4.0)
+    assert transforms.decode_image(_png((1, 2, 3), size=(40, 2)))[0].shape == (2, 40, 3)  # 0 disables
+    with pytest.raises(transforms.BadRecord, match="aspect ratio 5.00"):
+        transforms.decode_image(np.zeros((2, 10, 3), np.uint8), max_aspect=4.0)

@@ -97,3 +97,22 @@ def test_caption_without_label_padding_labels_caption_and_first_eos():
     trunc = text_layout.caption_layout(tok, "w1 w2 w3 w4 w5", 4, label_padding=False)
     assert trunc.label_mask.all()  # truncated: the EOS is last, every position counts
     assert text_layout.caption_label_mask(np.array([5, 6, 7]), 1).all()  # no EOS at all: all positions
+
+
+def test_vqa_prompt_suffix_per_source():
+    """The release: `Q: {human} A: ` for LLaVA conversations, the short-answer instruction for VQA sets,
+    LLaVA-1.5's 'Unanswerable' variant for VizWiz; a question that already carries it is left as it is."""
+    assert text_layout.vqa_prompt(" What is this? ", "none") == "Q: What is this? A: "
+    short = "Q: What is this? Answer the question using a single word or phrase. A: "
+    assert text_layout.vqa_prompt("What is this?") == text_layout.vqa_prompt("What is this?", "short_answer") == short
+    assert text_layout.vqa_prompt("What is this?\nAnswer the question using a single word or phrase.",
+                                  "short_answer") == short.replace("? A", "?\nA", 1)
+    assert text_layout.vqa_prompt("What is this?", "vizwiz") == (
+        "Q: What is this? When the provided information is insufficient, respond with 'Unanswerable'. "
+        "Answer the question using a single word or phrase. A: ")
+    with pytest.raises(ValueError, match="suffix='short'"):
+        text_layout.vqa_prompt("What?", "short")
+    tok = WordTokenizer()
+    lay = text_layout.vqa_layout(tok, "is it red?", "yes", 12, suffix="none")
+    n = len("Q: is it red? A:".split())
+    assert lay.fixed_mask.sum() == n and lay.text_ids[n] == tok.vocab["yes"]

@@ -6,7 +6,7 @@ for the text loss), for each source of the stream's mix:
     source.shuffle(seed_k).repeat()           reshuffled every epoch (grain folds in the epoch)
       [process_index::process_count]          disjoint per-process shards of every epoch
     MapDataset.mix(sources, weights)          weighted interleave
-      .random_map(ExampleBuilder)             decode, resize+crop, [-1, 1], token layout
+      .random_map(ExampleBuilder)             size filter, decode, resize+crop, [-1, 1], token layout
       .to_iter_dataset()
     SkipBadIterDataset                        drops and counts bad records
       .batch(b = global_batch // process_count)
@@ -22,7 +22,10 @@ plus the same with _t2i / _i2t suffixes}}. A skipped record is counted in the ba
 of the next good example of its stream.
 Label masks: see text_layout.py (captions: every position incl. EOS padding, as
 the release, or with caption_label_padding=False the caption and its first EOS;
-VQA: answer + its EOS; fixed_mask: the VQA question prefix).
+VQA: answer + its EOS, or with vqa_label_padding=True (stage 3, the release) the
+answer and all the EOS padding after it; fixed_mask: the VQA question prefix).
+Images the release's size filter drops (min_image_side, max_aspect_ratio) are
+skipped like any bad record and counted in "skipped".
 
 Checkpointing the iterator (grain 0.2.18): `it.get_state()` / `it.set_state(s)`
 (a JSON-able dict). With Orbax, save it next to the model:
@@ -60,7 +63,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.text_length = 64
     c.seed = 0
     c.original_caption_prob = 0.0   # use the original caption instead of the recaption
-    c.vqa_label_padding = False     # VQA label mask: answer + EOS only (text_layout.py)
+    c.vqa_label_padding = False     # VQA label mask: answer + EOS only; True: + all EOS padding (release's stage 3)
+    # The release's filter: drop images whose shorter side is under 256 px or whose long/short side ratio is
+    # over 4 (0 disables). The side is capped at image_size (transforms.ExampleBuilder): no upscaling, no drop.
+    c.min_image_side = 256
+    c.max_aspect_ratio = 4.0
     c.caption_label_padding = True  # caption label mask: every position (release); False: caption + first EOS
     c.worker_count = 0              # > 0: mp_prefetch worker processes (production)
     c.prefetch_buffer_size = 2      # batches buffered per worker
@@ -148,7 +155,8 @@ def _stream(specs, tokenizer, cfg, stream: str, batch: int, process_index: int, 
         raise ValueError(f"data config: {stream}_sources is empty")
     builder = ExampleBuilder(tokenizer, image_size=cfg.image_size, text_length=cfg.text_length,
                              stream=stream, original_caption_prob=cfg.original_caption_prob,
-                             vqa_label_padding=cfg.vqa_label_padding)
+                             vqa_label_padding=cfg.vqa_label_padding, min_image_side=cfg.get("min_image_side", 0),
+                             max_aspect_ratio=cfg.get("max_aspect_ratio", 0.0))  # absent in older run configs
     parts, weights = [], []
     for k, spec in enumerate(specs):
         spec = dict(spec)

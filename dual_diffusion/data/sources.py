@@ -4,8 +4,11 @@ Every source returns *raw* records, never raising on bad data (the transforms
 decide what is usable and the pipeline counts what is skipped):
   {"source": name, "image": bytes | uint8 array | None, "image_ref": str,
    "error": str | None, "caption": str, "original_caption": str | None,
-   "question": str | None, "answer": str | None}
+   "question": str | None, "answer": str | None, "prompt_suffix": str}
 A record with a question is a VQA record; otherwise it is a caption record.
+`prompt_suffix` names the VQA prompt's suffix (text_layout.PROMPT_SUFFIXES), an
+option of each VQA source: the release appends its short-answer instruction to the
+short-answer VQA sets only (configs/stage3.py lists its choice per data set).
 Sources are picklable (grain's worker processes receive them); file handles and
 TFDS readers are opened lazily in each process.
 """
@@ -20,13 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from dual_diffusion.data import shapes
+from dual_diffusion.data.text_layout import PROMPT_SUFFIXES
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
 def _record(source: str, **fields) -> dict:
     out = {"source": source, "image": None, "image_ref": "", "error": None, "caption": "",
-           "original_caption": None, "question": None, "answer": None}
+           "original_caption": None, "question": None, "answer": None, "prompt_suffix": "short_answer"}
     out.update(fields)
     return out
 
@@ -37,6 +41,12 @@ def _read_file(path: str) -> tuple[bytes | None, str | None]:
             return f.read(), None
     except OSError as e:
         return None, f"unreadable image {path}: {e.__class__.__name__}"
+
+
+def _check_suffix(source: str, suffix: str) -> str:
+    if suffix not in PROMPT_SUFFIXES:
+        raise ValueError(f"source {source}: suffix={suffix!r}; expected one of {sorted(PROMPT_SUFFIXES)}")
+    return suffix
 
 
 def _load_json_list(path: str) -> list:
@@ -137,11 +147,13 @@ class WebDatasetSource:
 class TfdsSource:
     """A TFDS dataset the user prepared (ArrayRecord format), read with
     `tfds.data_source` (no TensorFlow). `image_key` holds encoded bytes or a
-    uint8 array; `caption_key` text (or question/answer keys for VQA)."""
+    uint8 array; `caption_key` text (or question/answer keys for VQA, whose prompt
+    gets `suffix`)."""
 
     def __init__(self, path: str, split: str = "train", dataset: str | None = None,
                  image_key: str = "image", caption_key: str = "caption",
-                 question_key: str | None = None, answer_key: str | None = None, name: str | None = None):
+                 question_key: str | None = None, answer_key: str | None = None, name: str | None = None,
+                 suffix: str = "short_answer"):
         # `path` is the data_dir; `dataset` the builder name (default: the folder's only dataset).
         if dataset is None:
             found = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))
@@ -152,6 +164,7 @@ class TfdsSource:
         self.name = name or f"tfds:{dataset}/{split}"
         self._args = (dataset, path, split)
         self._keys = (image_key, caption_key, question_key, answer_key)
+        self._suffix = _check_suffix(self.name, suffix)
         self._len = len(self._reader())
 
     def _reader(self):
@@ -178,22 +191,35 @@ class TfdsSource:
             image = image.item()
         return _record(self.name, image=image, image_ref=f"{self.name}[{index}]",
                        error=None if image is not None else f"no {image_key!r} feature",
-                       caption=text(caption_key) or "", question=text(question_key), answer=text(answer_key))
+                       caption=text(caption_key) or "", question=text(question_key), answer=text(answer_key),
+                       prompt_suffix=self._suffix)
 
 
 class LlavaSource:
     """LLaVA-style conversations: [{"image": path, "conversations": [{"from": "human",
-    "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}]. Every (human, gpt)
-    turn becomes one VQA record (question fixed, answer the target)."""
+    "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}] as VQA records
+    (question fixed, answer the target; `<image>` removed).
 
-    def __init__(self, path: str, image_root: str | None = None, name: str | None = None):
+    turns: "first" (the release: only the conversation's first (human, gpt) turn) or
+    "all" (every turn becomes a record). suffix: the prompt's suffix for these
+    records ("none" by default, as the release's LLaVA conversations).
+    """
+
+    TURNS = ("first", "all")
+
+    def __init__(self, path: str, image_root: str | None = None, name: str | None = None,
+                 turns: str = "first", suffix: str = "none"):
         self.name = name or f"llava:{path}"
+        if turns not in self.TURNS:
+            raise ValueError(f"source {self.name}: turns={turns!r}; expected one of {list(self.TURNS)}")
+        self._suffix = _check_suffix(self.name, suffix)
         self._root = image_root or os.path.dirname(os.path.abspath(path))
         self._items = _load_json_list(path)
         self._turns: list[tuple[int, int]] = []
         for i, item in enumerate(self._items):
             conv = item.get("conversations", []) if isinstance(item, dict) else []
-            for t in range(0, len(conv) - 1, 2):
+            last = 1 if turns == "first" else len(conv) - 1
+            for t in range(0, min(last, len(conv) - 1), 2):
                 if conv[t].get("from") == "human" and conv[t + 1].get("from") == "gpt":
                     self._turns.append((i, t))
 
@@ -206,11 +232,12 @@ class LlavaSource:
         conv = item["conversations"]
         question = str(conv[t]["value"]).replace("<image>", "").strip()
         answer = str(conv[t + 1]["value"]).strip()
+        qa = dict(question=question, answer=answer, prompt_suffix=self._suffix)
         if "image" not in item:
-            return _record(self.name, error=f"conversation {i} has no image", question=question, answer=answer)
+            return _record(self.name, error=f"conversation {i} has no image", **qa)
         path = os.path.join(self._root, str(item["image"]))
         data, error = _read_file(path)
-        return _record(self.name, image=data, image_ref=path, error=error, question=question, answer=answer)
+        return _record(self.name, image=data, image_ref=path, error=error, **qa)
 
 
 class ShapesSource:

@@ -14,12 +14,15 @@ time every position starts masked. With `label_padding=False` the mask covers th
 caption and its first EOS only (as VQA answers): a short caption in a long row then
 weighs its content, not dozens of trivially predicted pads (a from-scratch demo).
 
-VQA: `Q: {question} Answer the question using a single word or phrase. A: `
-(fixed), then the answer, its EOS, and EOS padding. The label mask covers the
-answer tokens and the EOS that ends them ("answer only"); trailing padding is
-neither fixed nor labelled unless `label_padding=True` (then every non-prefix
-position is labelled, which teaches the padding too but weighs short answers
-less).
+VQA: `Q: {question} {suffix} A: ` (fixed), then the answer, its EOS, and EOS
+padding. The suffix follows the release per source (`PROMPT_SUFFIXES`):
+"short_answer" ("Answer the question using a single word or phrase.", the
+short-answer VQA sets and the built-in shapes world), "vizwiz" (LLaVA-1.5's
+VizWiz prompt) or "none" (`Q: {question} A: `, other LLaVA conversations). The
+label mask covers the answer tokens and the EOS that ends them ("answer only");
+trailing padding is neither fixed nor labelled unless `label_padding=True`: then
+every non-prefix position is labelled, as the release's stage 3 (its label mask
+is padded with ones), which teaches the padding too.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from typing import Protocol
 import numpy as np
 
 VQA_SUFFIX = "Answer the question using a single word or phrase."
+VIZWIZ_SUFFIX = "When the provided information is insufficient, respond with 'Unanswerable'. " + VQA_SUFFIX
+PROMPT_SUFFIXES = {"short_answer": VQA_SUFFIX, "vizwiz": VIZWIZ_SUFFIX, "none": ""}
 
 
 class TokenizerLike(Protocol):
@@ -45,9 +50,18 @@ class TextLayout:
     truncated: bool
 
 
-def vqa_prompt(question: str) -> str:
-    """The release's prompt; the answer follows directly after 'A: '."""
-    return f"Q: {question.strip()} {VQA_SUFFIX} A: "
+def vqa_prompt(question: str, suffix: str = "short_answer") -> str:
+    """The release's prompt `Q: {question} {suffix} A: `; the answer follows directly after 'A: '.
+
+    A question that already ends with the suffix (LLaVA-1.5's own VQA conversations
+    carry it) does not get it twice.
+    """
+    if suffix not in PROMPT_SUFFIXES:
+        raise ValueError(f"VQA prompt suffix={suffix!r}; expected one of {sorted(PROMPT_SUFFIXES)}")
+    question, tail = question.strip(), PROMPT_SUFFIXES[suffix]
+    if tail and not question.endswith(tail):
+        question = f"{question} {tail}"
+    return f"Q: {question} A: "
 
 
 def _pad(ids: list[int], length: int, pad_id: int) -> np.ndarray:
@@ -82,7 +96,7 @@ def caption_layout(tokenizer: TokenizerLike, text: str, length: int, label_paddi
 
 
 def vqa_layout(tokenizer: TokenizerLike, question: str, answer: str, length: int,
-               label_padding: bool = False) -> TextLayout:
+               label_padding: bool = False, suffix: str = "short_answer") -> TextLayout:
     """Fixed question prefix + answer + EOS + EOS padding.
 
     Too long: the answer keeps at most `length // 2` positions (with its EOS), and
@@ -91,7 +105,7 @@ def vqa_layout(tokenizer: TokenizerLike, question: str, answer: str, length: int
     """
     if length < 2:
         raise ValueError(f"VQA text length must be >= 2, got {length}")
-    prompt = list(tokenizer.encode(vqa_prompt(question), add_eos=False))
+    prompt = list(tokenizer.encode(vqa_prompt(question, suffix), add_eos=False))
     answer_ids = list(tokenizer.encode(answer, add_eos=True))
     truncated = len(prompt) + len(answer_ids) > length
     if truncated:

@@ -1,5 +1,9 @@
-"""Per-record transforms: decode -> RGB -> resize shorter side + centre crop
-(bicubic, antialiased) -> [-1, 1] -> token layout.
+"""Per-record transforms: decode -> size filter -> RGB -> resize shorter side +
+centre crop (bicubic, antialiased) -> [-1, 1] -> token layout.
+
+Size filter (the release's): an image whose shorter side is under `min_side` or
+whose aspect ratio (long / short side) is over `max_aspect` is a bad record (0
+disables either); it is judged on the stored size, before any JPEG draft scaling.
 
 `ExampleBuilder` is the one grain RandomMap of a stream. It never raises on bad
 data: a record it cannot use becomes `{"_bad": reason, "source": name}`, which
@@ -20,18 +24,34 @@ class BadRecord(Exception):
     pass
 
 
-def decode_image(data, size_hint: int | None = None) -> tuple[np.ndarray, bool]:
+def check_size(width: int, height: int, min_side: int = 0, max_aspect: float = 0.0) -> None:
+    """Raises BadRecord for an image the release's filter drops (0 disables a limit)."""
+    short, long = min(width, height), max(width, height)
+    if min_side and short < min_side:
+        raise BadRecord(f"image {width}x{height}: shorter side {short} < min_image_side {min_side}")
+    if max_aspect and long > max_aspect * short:
+        raise BadRecord(f"image {width}x{height}: aspect ratio {long / max(short, 1):.2f} > max_aspect_ratio "
+                        f"{max_aspect:g}")
+
+
+def decode_image(data, size_hint: int | None = None, min_side: int = 0,
+                 max_aspect: float = 0.0) -> tuple[np.ndarray, bool]:
     """bytes (any PIL format) or an array -> (uint8 (H, W, 3), converted).
 
     `converted` is True when the image was not RGB (gray, alpha, palette, CMYK).
     For JPEGs, `size_hint` lets libjpeg decode at a reduced scale (DCT scaling)
     that still covers the target size: much faster for large photos.
+    `min_side` / `max_aspect`: see `check_size` (read from the header, before decoding).
     """
     if data is None:
         raise BadRecord("no image")
     if isinstance(data, (bytes, bytearray, memoryview)):
         try:
             img = Image.open(io.BytesIO(bytes(data)))
+        except Exception as e:  # PIL raises many types on corrupt files
+            raise BadRecord(f"corrupt image ({e.__class__.__name__}: {e})") from None
+        check_size(*img.size, min_side, max_aspect)
+        try:
             if size_hint and img.format == "JPEG":
                 img.draft("RGB", (size_hint, size_hint))
             img.load()
@@ -48,6 +68,7 @@ def decode_image(data, size_hint: int | None = None) -> tuple[np.ndarray, bool]:
     array = np.asarray(data)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise BadRecord(f"image array must be uint8 (H, W[, C]), got {array.dtype} {array.shape}")
+    check_size(array.shape[1], array.shape[0], min_side, max_aspect)
     if array.ndim == 2:
         return np.repeat(array[:, :, None], 3, axis=2), True
     if array.shape[2] == 3:
@@ -83,16 +104,24 @@ class ExampleBuilder:
     Example: {"image": f32 (S, S, 3), "text_ids": i32 (L,), "label_mask": bool (L,),
     "fixed_mask": bool (L,), "truncated": i32, "converted": i32, "skipped": i32}.
     The t2i stream only takes caption records (VQA records there are bad data).
+    Size filter: min_image_side is capped at image_size, so an image that needs no
+    upscaling is never dropped for its size (the demo's 32 px shapes world keeps
+    the release's 256 px default); max_aspect_ratio applies as given.
     """
 
     def __init__(self, tokenizer, *, image_size: int, text_length: int, stream: str,
-                 original_caption_prob: float = 0.0, vqa_label_padding: bool = False):
+                 original_caption_prob: float = 0.0, vqa_label_padding: bool = False,
+                 min_image_side: int = 0, max_aspect_ratio: float = 0.0):
         if stream not in ("t2i", "i2t"):
             raise ValueError(f"stream must be 't2i' or 'i2t', got {stream!r}")
+        if min_image_side < 0 or max_aspect_ratio < 0 or 0 < max_aspect_ratio < 1:
+            raise ValueError(f"data.min_image_side={min_image_side}, data.max_aspect_ratio={max_aspect_ratio}: "
+                             "expected a side >= 0 and a ratio >= 1 (0 disables either)")
         self.tokenizer = tokenizer
         self.image_size, self.text_length, self.stream = image_size, text_length, stream
         self.original_caption_prob = original_caption_prob
         self.vqa_label_padding = vqa_label_padding
+        self.min_side, self.max_aspect = min(int(min_image_side), image_size), float(max_aspect_ratio)
         self._truncations = 0  # per process; the exact count rides in each example
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
@@ -111,7 +140,8 @@ class ExampleBuilder:
             if not question or not answer:
                 raise BadRecord("empty question or answer")
             layout = text_layout.vqa_layout(self.tokenizer, question, answer, self.text_length,
-                                            label_padding=self.vqa_label_padding)
+                                            label_padding=self.vqa_label_padding,
+                                            suffix=record.get("prompt_suffix") or "short_answer")
         else:
             text = record.get("caption") or ""
             original = record.get("original_caption")
@@ -126,7 +156,8 @@ class ExampleBuilder:
                 logging.warning("data %s: text truncated to %d tokens (%d so far in this process): %r",
                                 self.stream, self.text_length, self._truncations,
                                 (record.get("question") or record.get("caption") or "")[:80])
-        pixels, converted = decode_image(record.get("image"), size_hint=self.image_size)
+        pixels, converted = decode_image(record.get("image"), size_hint=self.image_size,
+                                         min_side=self.min_side, max_aspect=self.max_aspect)
         pixels = resize_center_crop(pixels, self.image_size)
         return {
             "image": normalize(pixels),
