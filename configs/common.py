@@ -48,7 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text_encoder = _dataclass_dict(T5Config())
     c.model.vae = _dataclass_dict(VAEConfig())
     c.model.latent_space = "vae"  # "vae" (latents = (mean - shift) * scale) or "pixels" ([-1, 1] images)
-    c.model.text_encoder_trainable = "mask_row"  # "mask_row" | "none" | "all"
+    # "mask_row" | "none" | "all". The release trains T5's mask row in stage 2 only (stages 1 and 3 set
+    # "none": T5 then runs forward only, no backward pass).
+    c.model.text_encoder_trainable = "mask_row"
 
     c.runtime = _dataclass_dict(Runtime(dtype="bfloat16", scan_layers=True, remat_policy="dots_no_batch"))
     c.runtime.attention_impl = "auto"
@@ -69,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.text_schedule = "loglinear"
     c.loss.text_eps = 1e-3
     c.loss.fused = True  # both halves as one batch of 2B through T5 and the MM-DiT
+    # Text loss: "per_example" (each row / its label count) or "batch_tokens" (sum / (B x L), the release's);
+    # equal while labels cover every position (stages 1-2 captions); stage 3 sets the release's.
+    c.loss.text_normalization = "per_example"
+    c.loss.latent_sampling = "sample"  # the release trains on VAE posterior draws; "mean": the posterior mean
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 3e-5
@@ -82,14 +88,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.clip_norm = 2.0
 
-    c.ema = ml_collections.ConfigDict(dict(decay=0.9995))
+    # The release's code calls its EMA update with the default decay 0.9999; the 0.9995 of its config
+    # is never read. We follow the code.
+    c.ema = ml_collections.ConfigDict(dict(decay=0.9999))
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256  # global, per half (t2i pairs and i2t pairs each)
     c.train.microbatches = 1
     c.train.num_steps = 60_000
     c.train.log_every = 50
-    c.train.max_consecutive_nonfinite = 5
+    c.train.max_consecutive_nonfinite = 5  # skipped updates in a row (non-finite or spikes) that stop the run
+    # > 0: skip an update whose loss exceeds this x the median of the last loss_spike_window applied losses
+    # (0: off; when on, the window is part of the train state).
+    c.train.loss_spike_factor = 0.0
+    c.train.loss_spike_window = 50
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000

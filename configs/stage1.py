@@ -5,7 +5,10 @@ r"""Stage 1 of the release (REFERENCE.md, Objectives): image-text alignment from
   (dry run: add --dry_run; the same command on every TPU host, launch/README.md)
 
 256 px, 64 text tokens, 60K steps, lambda 0.2 (pretraining), AdamW 3e-5, wd 1e-2,
-2000 warmup, clip 2.0, EMA 0.9995, global batch 512 pairs per half, bf16.
+2000 warmup, clip 2.0, EMA 0.9999 (the release's code), global batch 512 pairs per
+half, bf16. T5 stays frozen (the release trains its mask row in stage 2 only), so it
+costs a forward pass only. Latents are VAE posterior draws; images under 256 px or
+wider than 4:1 are skipped (data.min_image_side, data.max_aspect_ratio).
 Fill in: init_from (tools/convert_sd3_weights.py output of SD3-medium) and the
 recaptioned DataComp source of config.data.
 """
@@ -20,5 +23,6 @@ def get_config(arg=None):
     c.train.batch_size = 512
     c.train.num_steps = 60_000
     c.loss.lambda_text = 0.2
+    c.model.text_encoder_trainable = "none"
     common.apply_variant(c, arg)
     return common.finalize(c)

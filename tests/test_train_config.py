@@ -116,3 +116,32 @@ def test_failed_restore_is_an_error_not_a_fresh_start(tmp_path):
     with pytest.raises(RuntimeError, match="restore failed for step 1"):
         ckpt.restore(1, wrong)
     ckpt.close()
+
+
+def test_stage_configs_follow_the_release_code():
+    """T5 trains (its mask row) in stage 2 only; EMA 0.9999; posterior draws; stage 3's loss, prompts and mix."""
+    from dual_diffusion.training.loss import LossConfig
+
+    stages = {m: m.get_config() for m in (stage1, stage2, stage3)}
+    assert {m.__name__: c.model.text_encoder_trainable for m, c in stages.items()} == {
+        "configs.stage1": "none", "configs.stage2": "mask_row", "configs.stage3": "none"}
+    for c in stages.values():
+        assert c.ema.decay == 0.9999 and c.loss.latent_sampling == "sample"
+        assert (c.data.min_image_side, c.data.max_aspect_ratio) == (256, 4.0)
+    c3 = stage3.get_config()
+    assert c3.loss.text_normalization == "batch_tokens" and c3.data.vqa_label_padding
+    assert LossConfig.from_config(c3.loss, 1, 1).text_normalization == "batch_tokens"
+    suffix = {s["path"].split("/")[-1]: s["suffix"] for s in c3.data.i2t_sources}
+    assert suffix == {"llava_v1_5_mix665k.json": "none", "blip_laion_cc_sbu_558k.json": "none",
+                      "textvqa_train.json": "short_answer", "vizwiz_train.json": "vizwiz",
+                      "vqav2_train.json": "short_answer", "okvqa_train.json": "short_answer",
+                      "gqa_train.json": "short_answer"}
+    assert all(s["kind"] == "llava" and s["turns"] == "first" for s in c3.data.i2t_sources)
+    errors = _errors_of(c3)
+    assert all(f"config.data.i2t_sources[{k}].path='FILL_ME/" in errors for k in range(7))
+
+
+def _errors_of(c):
+    with pytest.raises(ConfigError) as e:
+        check_config(c, num_devices=8)
+    return str(e.value)
