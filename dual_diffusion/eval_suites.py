@@ -61,10 +61,11 @@ def check_fits(pipeline: Pipeline, *, prompts: Sequence[str] = (), questions: Se
         pipeline.encode_prompts(list(dict.fromkeys(prompts)))
     except ValueError as e:
         raise EvalDataError(f"{e}: raise --text_length") from None
+    length = pipeline.vqa_text_length
     for q in dict.fromkeys(questions):
-        layout = vqa_layout(pipeline.tokenizer, q, "", pipeline.text_length)
+        layout = vqa_layout(pipeline.tokenizer, q, "", length)
         if layout.truncated or layout.fixed_mask.all():
-            raise EvalDataError(f"question {q[:60]!r} leaves no room for an answer in {pipeline.text_length} "
+            raise EvalDataError(f"question {q[:60]!r} leaves no room for an answer in {length} "
                                 "tokens: raise --text_length")
 
 
@@ -72,8 +73,11 @@ def check_fits(pipeline: Pipeline, *, prompts: Sequence[str] = (), questions: Se
 def shapes_suite(pipeline: Pipeline, states: States, *, seed: int = 1234, per_category: int = 50,
                  num_captions: int = 200, num_vqa: int = 200, batch_size: int = 16,
                  image_opts: ImageOptions = ImageOptions(), text_opts: TextOptions = TextOptions(),
-                 caption_length: int | None = None, progress: bool = True) -> dict:
+                 vqa_opts: TextOptions | None = None, caption_length: int | None = None,
+                 progress: bool = True) -> dict:
     """Scores on the shapes world at `pipeline.image_size`; a part with count 0 is skipped.
+
+    text_opts samples the captions, vqa_opts (default text_opts) the answers.
 
     Returns {"suite", "image_size", "t2i": {category: pass rate, "overall"},
     "captions": {"exact_match", "attribute_accuracy", ...}, "vqa": {"accuracy"}}."""
@@ -98,11 +102,38 @@ def shapes_suite(pipeline: Pipeline, states: States, *, seed: int = 1234, per_ca
     if num_vqa > 0:
         vqa = shapes_eval.vqa_eval_set(seed, num_vqa, size)
         check_fits(pipeline, questions=vqa.questions)
-        preds = map_batches(lambda im, q, seed: pipeline.answer(states, im, q, seed=seed, opts=text_opts),
+        answer_opts = text_opts if vqa_opts is None else vqa_opts
+        preds = map_batches(lambda im, q, seed: pipeline.answer(states, im, q, seed=seed, opts=answer_opts),
                             [vqa.images, vqa.questions], batch_size, seed=seed, desc="shapes vqa",
                             progress=progress)
         scores["vqa"] = shapes_eval.evaluate_vqa(preds, vqa.answers)
     return scores
+
+
+# ------------------------------------------- the trainer's end-of-training evaluation
+def training_sample_options(config) -> tuple[ImageOptions, TextOptions]:
+    """The sampling options of a training config (`config.samples`, the loss's text schedule):
+    what the trainer's sample rows and its end-of-training suite use. `config` is the
+    ml_collections config or the dict of a workdir's config.json."""
+    from dual_diffusion.diffusion.masked import Schedule
+
+    s, loss = config["samples"], config["loss"]
+    image_opts = ImageOptions(steps=int(s["image_steps"]), cfg_scale=float(s["cfg_scale"]))
+    text_opts = TextOptions(steps=int(s["text_steps"]), method=str(s["text_method"]),
+                            min_new_tokens=int(s["min_new_tokens"]),
+                            schedule=Schedule(str(loss["text_schedule"]), float(loss["text_eps"])))
+    return image_opts, text_opts
+
+
+def training_suite_settings(config) -> dict:
+    """Keyword arguments of `shapes_suite` for the trainer's end-of-training evaluation
+    (`config.eval.shapes_suite_size` items per set, one batch each, its own seed)."""
+    n = int(config["eval"]["shapes_suite_size"])
+    image_opts, text_opts = training_sample_options(config)
+    from dual_diffusion.data.shapes_eval import CATEGORIES
+
+    return dict(seed=4321, per_category=max(1, n // len(CATEGORIES)), num_captions=n, num_vqa=n, batch_size=n,
+                image_opts=image_opts, text_opts=text_opts)
 
 
 # -------------------------------------------------------------- from disk

@@ -1,16 +1,25 @@
 r"""Evaluation from the command line; prints one JSON object of scores.
 
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=shapes [--per_category=50 --num_captions=200
-      --num_vqa=200 --t2i_steps=28 --cfg=7 --text_steps=64 --sampler=ancestral|confidence|semi_ar]
+      --num_vqa=200 --t2i_steps=28 --cfg=7 --grid=diffusers|linspace --text_steps=N
+      --sampler=ancestral|confidence|semi_ar --decoding=first_eos|release]
+  python -m dual_diffusion.evaluate --checkpoint=WORKDIR --suite=shapes --preset=demo   # the demo's final scores
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=coco_captions --annotations=captions_val2014.json
-      --images=val2014/ [--max_images=5000]                       # CIDEr; needs pycocoevalcap
+      --images=val2014/ [--max_images=5000] [--release-decoding]  # CIDEr; needs pycocoevalcap
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=vqav2 --questions=Q.json --annotations=A.json
-      --images=val2014/ [--max_questions=N]                        # VQAv2 accuracy
+      --images=val2014/ [--max_questions=N] [--release-decoding]   # VQAv2 accuracy
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=geneval --prompts=evaluation_metadata.jsonl
       --out_dir=DIR [--samples_per_prompt=4]                       # images for GenEval's own scorer
   python -m dual_diffusion.evaluate --suite=shapes --oracle       # the shapes evaluator's self-check
 
 DIR is a converted checkpoint or a training workdir (its latest EMA weights).
+Defaults: 28 Euler steps on diffusers' scheduler levels, CFG 7; captions and VQA
+in 128-token rows (a workdir's trained length when shorter), 64 and 32 ancestral
+steps, text cut at the first EOS. `--preset=demo` takes every setting of the
+trainer's end-of-training evaluation from WORKDIR/config.json (configs/demo.py for
+a checkpoint that is not a workdir); `--release-decoding` runs the release's
+text protocol (ancestral, 64 / 32 steps, 128 tokens, a VAE posterior draw as the
+image, its decoding). Explicit flags override both.
 Scores also go to OUT/scores.json and OUT/scores.md, OUT = --out_dir, default
 the checkpoint's eval/ folder when writable, else the current folder (geneval
 writes only its image folders, which GenEval's scorer walks). The oracle
@@ -26,8 +35,19 @@ import sys
 from pathlib import Path
 
 from dual_diffusion.cli import UsageError, run_command
+from dual_diffusion.diffusion.image_sampling import GRIDS
+from dual_diffusion.pipelines import DECODINGS, IMAGE_LATENTS
 
 SUITES = ("shapes", "coco_captions", "vqav2", "geneval")
+PRESETS = ("demo",)
+DEFAULTS = dict(batch_size=16, seed=1234, dtype="float32", per_category=50, num_captions=200, num_vqa=200)
+# flag -> field of ImageOptions / of both TextOptions
+IMAGE_FLAGS = {"t2i_steps": "steps", "cfg": "cfg_scale", "shift": "shift", "grid": "grid"}
+TEXT_FLAGS = {"text_steps": "steps", "sampler": "method", "temperature": "temperature",
+              "min_new_tokens": "min_new_tokens", "decoding": "decoding", "image_latents": "image_latents"}
+# What --release-decoding fixes for both text tasks (the steps are per task: pipelines.TEXT_STEPS).
+RELEASE_TEXT = {"sampler": "ancestral", "temperature": 1.0, "min_new_tokens": 0, "decoding": "release",
+                "image_latents": "sample"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,22 +57,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("checkpoint", help="converted checkpoint or training workdir")
     add("suite", default="shapes", choices=SUITES)
     add("oracle", action="store_true", help="shapes only: score ground-truth renders, no model")
+    add("preset", choices=PRESETS, help="demo: the trainer's end-of-training evaluation settings")
+    add("release_decoding", action="store_true",
+        help="the release's text protocol: ancestral, 64 caption / 32 VQA steps, 128 tokens, its decoding")
     add("out_dir", help="where scores.json / scores.md (or GenEval's folders) go")
     add("image_size", type=int, help="default: the checkpoint's (oracle: 64)")
-    add("text_length", type=int, help="default: the checkpoint's")
-    add("batch_size", type=int, default=16)
-    add("seed", type=int, default=1234, help="seed of the evaluation sets and samplers")
-    add("dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    add("t2i_steps", type=int, default=28)
-    add("cfg", type=float, default=7.0, help="image classifier-free guidance scale")
-    add("shift", type=float, default=3.0, help="SD3 time shift of the image sampler")
-    add("text_steps", type=int, default=64)
-    add("sampler", default="ancestral", choices=("ancestral", "confidence", "semi_ar"))
-    add("temperature", type=float, default=1.0)
-    add("caption_length", type=int, help="generated caption tokens at most (default: the text length)")
-    add("per_category", type=int, default=50, help="shapes: text-to-image prompts per GenEval category")
-    add("num_captions", type=int, default=200, help="shapes: images to caption")
-    add("num_vqa", type=int, default=200, help="shapes: VQA questions")
+    add("text_length", type=int, help="tokens per text row, every task (default: see above)")
+    # Settings a preset may set: None here means "not given", resolved in `resolve_settings`.
+    add("batch_size", type=int, help=f"default {DEFAULTS['batch_size']}")
+    add("seed", type=int, help=f"seed of the evaluation sets and samplers (default {DEFAULTS['seed']})")
+    add("dtype", choices=("float32", "bfloat16"), help="compute dtype (default float32)")
+    add("t2i_steps", type=int, help="default 28")
+    add("cfg", type=float, help="image classifier-free guidance scale (default 7)")
+    add("shift", type=float, help="SD3 time shift of the image sampler (default 3)")
+    add("grid", choices=GRIDS, help="image noise levels (default diffusers: the release's scheduler)")
+    add("text_steps", type=int, help="caption and VQA steps (default 64 and 32)")
+    add("sampler", choices=("ancestral", "confidence", "semi_ar"), help="default ancestral")
+    add("temperature", type=float, help="default 1")
+    add("min_new_tokens", type=int, help="EOS banned on the first N generated tokens (default 0)")
+    add("decoding", choices=DECODINGS, help="default first_eos")
+    add("image_latents", choices=IMAGE_LATENTS, help="caption/VQA image condition (default mean)")
+    add("caption_length", type=int, help="generated caption tokens at most (default: the whole row)")
+    add("per_category", type=int, help=f"shapes: prompts per GenEval category (default {DEFAULTS['per_category']})")
+    add("num_captions", type=int, help=f"shapes: images to caption (default {DEFAULTS['num_captions']})")
+    add("num_vqa", type=int, help=f"shapes: VQA questions (default {DEFAULTS['num_vqa']})")
     add("annotations", help="coco_captions / vqav2 annotation JSON")
     add("questions", help="vqav2 questions JSON")
     add("images", help="coco_captions / vqav2 image folder")
@@ -76,8 +104,8 @@ def _check(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name}={value}: expected >= 1")
-    for name in ("per_category", "num_captions", "num_vqa"):
-        if getattr(args, name) < 0:
+    for name in ("per_category", "num_captions", "num_vqa", "min_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UsageError(f"--{name}={getattr(args, name)}: expected >= 0")
     needs = {"coco_captions": ("annotations", "images"), "vqav2": ("questions", "annotations", "images"),
              "geneval": ("prompts", "out_dir")}.get(args.suite, ())
@@ -89,6 +117,67 @@ def _check(args) -> None:
             raise UsageError(f"--{name}={getattr(args, name)}: no such file")
     if "images" in needs and not Path(args.images).is_dir():
         raise UsageError(f"--images={args.images}: no such folder")
+    if args.oracle and (args.preset or args.release_decoding):
+        raise UsageError("--oracle samples nothing: drop --preset / --release-decoding")
+    if args.preset and args.release_decoding:
+        raise UsageError(f"--preset={args.preset} and --release-decoding are two different protocols: pick one")
+
+
+def preset_config(name: str, checkpoint: str) -> dict:
+    """The training config a preset reads: CHECKPOINT/config.json (the run's own), else configs/<name>.py."""
+    saved = Path(checkpoint) / "config.json"
+    if saved.is_file():
+        try:
+            return json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"--preset={name}: cannot read {saved}: {e}") from None
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "configs" / f"{name}.py").is_file():
+        raise UsageError(f"--preset={name}: {checkpoint} has no config.json and configs/{name}.py is not "
+                         "next to this package")
+    import importlib
+
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    return importlib.import_module(f"configs.{name}").get_config().to_dict()
+
+
+def resolve_settings(args) -> dict:
+    """Everything a suite samples with: explicit flags, else the preset / release protocol, else DEFAULTS.
+
+    Returns {"image_opts", "caption_opts", "vqa_opts", "batch_size", "seed", "dtype", "per_category",
+    "num_captions", "num_vqa", "text_length", "image_size", "caption_length"}.
+    """
+    import dataclasses
+
+    from dual_diffusion.pipelines import TEXT_STEPS, ImageOptions, TextOptions
+
+    out = dict(DEFAULTS, image_opts=ImageOptions(), caption_opts=TextOptions(steps=TEXT_STEPS["caption"]),
+               vqa_opts=TextOptions(steps=TEXT_STEPS["vqa"]), text_length=None, image_size=None)
+    if args.preset:
+        from dual_diffusion.eval_suites import training_suite_settings
+
+        config = preset_config(args.preset, args.checkpoint)
+        suite = training_suite_settings(config)
+        out.update({k: suite[k] for k in ("batch_size", "seed", "per_category", "num_captions", "num_vqa")},
+                   image_opts=suite["image_opts"], caption_opts=suite["text_opts"], vqa_opts=suite["text_opts"],
+                   dtype=config["runtime"]["dtype"], text_length=int(config["data"]["text_length"]),
+                   image_size=int(config["data"]["image_size"]))
+    if args.release_decoding:
+        fields = {TEXT_FLAGS[k]: v for k, v in RELEASE_TEXT.items()}
+        out.update(caption_opts=TextOptions(steps=TEXT_STEPS["caption"], **fields),
+                   vqa_opts=TextOptions(steps=TEXT_STEPS["vqa"], **fields), image_opts=ImageOptions())
+    try:
+        image = {field: getattr(args, flag) for flag, field in IMAGE_FLAGS.items() if getattr(args, flag) is not None}
+        text = {field: getattr(args, flag) for flag, field in TEXT_FLAGS.items() if getattr(args, flag) is not None}
+        out.update(image_opts=dataclasses.replace(out["image_opts"], **image),
+                   caption_opts=dataclasses.replace(out["caption_opts"], **text),
+                   vqa_opts=dataclasses.replace(out["vqa_opts"], **text))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out.update({k: getattr(args, k) for k in (*DEFAULTS, "text_length", "image_size") if getattr(args, k) is not None})
+    out["caption_length"] = args.caption_length
+    return out
 
 
 def shapes_oracle_scores(seed: int, image_size: int, per_category: int, num_captions: int,
@@ -132,40 +221,51 @@ def default_out_dir(checkpoint: str | None) -> Path:
 def _model_scores(args) -> dict:
     from dual_diffusion import eval_suites as suites
     from dual_diffusion.models.configs import Runtime
-    from dual_diffusion.pipelines import ImageOptions, Pipeline, TextOptions
+    from dual_diffusion.pipelines import Pipeline
     from dual_diffusion.pretrained import load_pretrained
 
     if args.suite == "coco_captions":
         suites.eval_metrics.require_pycocoevalcap()  # before the model loads and captions are generated
     prompts = suites.read_geneval_prompts(args.prompts) if args.suite == "geneval" else None
+    st = resolve_settings(args)
     try:
-        bundle = load_pretrained(args.checkpoint, Runtime(dtype=args.dtype))
+        bundle = load_pretrained(args.checkpoint, Runtime(dtype=st["dtype"]))
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
-    pipe = Pipeline.from_bundle(bundle, image_size=args.image_size, text_length=args.text_length)
-    image_opts = ImageOptions(steps=args.t2i_steps, cfg_scale=args.cfg, shift=args.shift)
-    text_opts = TextOptions(steps=args.text_steps, method=args.sampler, temperature=args.temperature)
-    if args.caption_length and args.caption_length > pipe.text_length:
-        raise UsageError(f"--caption_length={args.caption_length} exceeds the text length {pipe.text_length}")
-    common = dict(batch_size=args.batch_size, seed=args.seed)
+    pipe = Pipeline.from_bundle(bundle, image_size=st["image_size"], text_length=st["text_length"])
+    image_opts, caption_opts, vqa_opts = st["image_opts"], st["caption_opts"], st["vqa_opts"]
+    if st["caption_length"] and st["caption_length"] > pipe.caption_text_length:
+        raise UsageError(f"--caption_length={st['caption_length']} exceeds the caption rows' "
+                         f"{pipe.caption_text_length} tokens")
+    common = dict(batch_size=st["batch_size"], seed=st["seed"])
     if args.suite == "shapes":
-        scores = suites.shapes_suite(pipe, bundle.states, per_category=args.per_category,
-                                     num_captions=args.num_captions, num_vqa=args.num_vqa, image_opts=image_opts,
-                                     text_opts=text_opts, caption_length=args.caption_length, **common)
+        scores = suites.shapes_suite(pipe, bundle.states, per_category=st["per_category"],
+                                     num_captions=st["num_captions"], num_vqa=st["num_vqa"], image_opts=image_opts,
+                                     text_opts=caption_opts, vqa_opts=vqa_opts, caption_length=st["caption_length"],
+                                     **common)
     elif args.suite == "coco_captions":
         scores = suites.coco_captions_suite(pipe, bundle.states, annotations=args.annotations,
                                             images_dir=args.images, max_images=args.max_images,
-                                            text_opts=text_opts, caption_length=args.caption_length, **common)
+                                            text_opts=caption_opts, caption_length=st["caption_length"], **common)
     elif args.suite == "vqav2":
         scores = suites.vqav2_suite(pipe, bundle.states, questions=args.questions, annotations=args.annotations,
                                     images_dir=args.images, max_questions=args.max_questions,
-                                    text_opts=text_opts, **common)
+                                    text_opts=vqa_opts, **common)
     else:
         scores = suites.geneval_suite(pipe, bundle.states, prompts=prompts, out_dir=args.out_dir,
                                       samples_per_prompt=args.samples_per_prompt, image_opts=image_opts, **common)
-    settings = {k: v for k, v in vars(args).items() if v is not None}
+    settings = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    settings.update(_describe(st), image_size=pipe.image_size, text_length=pipe.text_length,
+                    caption_text_length=pipe.caption_text_length, vqa_text_length=pipe.vqa_text_length)
     return dict(scores, checkpoint=args.checkpoint, step=bundle.info.get("step"),
                 text_length=pipe.text_length, settings=settings)
+
+
+def _describe(st: dict) -> dict:
+    """The resolved settings as JSON-friendly values (options as dicts, the schedule as its fields)."""
+    import dataclasses
+
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in st.items() if v is not None}
 
 
 def run(args) -> dict:
@@ -174,8 +274,9 @@ def run(args) -> dict:
 
     _check(args)
     if args.oracle:
-        scores = shapes_oracle_scores(args.seed, args.image_size or 64, args.per_category, args.num_captions,
-                                      args.num_vqa)
+        pick = lambda name: DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+        scores = shapes_oracle_scores(pick("seed"), args.image_size or 64, pick("per_category"),
+                                      pick("num_captions"), pick("num_vqa"))
     else:
         try:
             scores = _model_scores(args)

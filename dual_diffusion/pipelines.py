@@ -10,6 +10,10 @@ without one ("pixels", the CPU demo) the [-1, 1] image itself is the latent.
 Text: prompts are T5-tokenized, EOS-padded to `text_length` as the release does;
 captions start all-masked; VQA fixes `Q: {question} Answer the question using a
 single word or phrase. A: ` and generates the rest (REFERENCE.md, Inference).
+Caption and VQA rows have their own lengths: the release's 128 tokens, or the
+length the model trained at when shorter (`Pipeline.from_bundle`); their default
+steps are the release's, TEXT_STEPS. Generated ids become text by one of
+DECODINGS (`decode_text`).
 """
 from __future__ import annotations
 
@@ -22,27 +26,48 @@ import numpy as np
 from flax import nnx
 
 from dual_diffusion.data.text_layout import vqa_layout
-from dual_diffusion.diffusion.image_sampling import sample_images
+from dual_diffusion.diffusion.image_sampling import GRIDS, sample_images
 from dual_diffusion.diffusion.masked import Schedule
 from dual_diffusion.diffusion.text_sampling import sample_text
 from dual_diffusion.tokenizer import Tokenizer
 
 States = Mapping[str, Any]  # {"transformer", "text_encoder"[, "vae"]} -> nnx.State
 
+# The release's image-to-text sampling: 128-token rows for captions and VQA (its pipeline's
+# `sequence_length` and its VQA script's sampler length), 64 steps for captions (the pipeline's
+# default) and 32 for VQA (the script's `--sample_steps`).
+RELEASE_TEXT_LENGTH = 128
+TEXT_STEPS = {"caption": 64, "vqa": 32}
+DECODINGS = ("first_eos", "release")
+IMAGE_LATENTS = ("mean", "sample")
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
-    """Flow ODE sampling (REFERENCE.md, Inference: Euler, 28 steps, shift 3, CFG 7)."""
+    """Flow ODE sampling (REFERENCE.md, Inference: Euler, 28 steps, shift 3, CFG 7).
+
+    grid: "diffusers" (the release's scheduler levels) or "linspace" (image_sampling.time_grid).
+    """
 
     steps: int = 28
     cfg_scale: float = 7.0
     shift: float = 3.0
     method: str = "euler"
+    grid: str = "diffusers"
+
+    def __post_init__(self):
+        if self.grid not in GRIDS:
+            raise ValueError(f"ImageOptions: grid={self.grid!r}; expected one of {GRIDS}")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextOptions:
-    """Masked-diffusion text sampling (see diffusion/text_sampling.py for each option)."""
+    """Masked-diffusion text sampling (see diffusion/text_sampling.py for each option).
+
+    decoding: how generated ids become text, one of DECODINGS (`decode_text`).
+    image_latents: "mean" (the VAE posterior mean) or "sample" (a posterior draw, as the
+      release's pipeline and VQA script condition on); no effect in pixel space.
+    """
 
     steps: int = 64
     method: str = "ancestral"
@@ -53,6 +78,41 @@ class TextOptions:
     num_blocks: int = 4
     cfg_scale: float = 1.0  # > 1: guidance over the image condition (null image as unconditional)
     schedule: Schedule = Schedule()  # the masking schedule the model was trained with
+    decoding: str = "first_eos"
+    image_latents: str = "mean"
+
+    def __post_init__(self):
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"TextOptions: decoding={self.decoding!r}; expected one of {DECODINGS}")
+        if self.image_latents not in IMAGE_LATENTS:
+            raise ValueError(f"TextOptions: image_latents={self.image_latents!r}; expected one of {IMAGE_LATENTS}")
+
+
+def decode_text(tokenizer: Tokenizer, ids: Sequence[int], *, task: str = "caption",
+                decoding: str = "first_eos") -> str:
+    """The text of generated ids (the free positions of one row, in order).
+
+    "first_eos" (this project's default): the ids before the first EOS, special tokens
+      dropped, outer spaces stripped.
+    "release": what the release's code returns. Captions (its pipeline): the whole
+      sequence decoded with special tokens written out (transformers' default) and every
+      `</s>` removed, so words after the first EOS stay. VQA (its VQA script): the same
+      decoding cut before the first `</s>`; with no `</s>` at all the script's
+      `text[:text.find(...)]` drops the last character, kept here as it is.
+    """
+    ids = [int(i) for i in ids]
+    if decoding == "first_eos":
+        if tokenizer.eos_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_id)]
+        return tokenizer.decode(ids).strip()
+    if decoding != "release":
+        raise ValueError(f"decode_text: decoding={decoding!r}; expected one of {DECODINGS}")
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if task == "caption":
+        return text.replace("</s>", "")
+    if task == "vqa":
+        return text[: text.find("</s>")]
+    raise ValueError(f"decode_text: task={task!r}; expected 'caption' or 'vqa'")
 
 
 def to_uint8(images_BxHxWx3) -> np.ndarray:
@@ -69,17 +129,22 @@ class Pipeline:
     """Generation with D-DiT; see the module docstring.
 
     graphdefs: "transformer", "text_encoder" and, unless latents are pixels, "vae".
-    text_length: L of every text sequence; image_size: side of generated images.
+    text_length: L of prompt rows (text to image, in-painting); caption_text_length and
+    vqa_text_length: L of caption and VQA rows (default text_length); image_size: side
+    of generated images.
     """
 
     def __init__(self, graphdefs: Mapping[str, nnx.GraphDef], tokenizer: Tokenizer, *, text_length: int,
-                 image_size: int, vae_shift: float = 0.0, vae_scale: float = 1.0):
+                 image_size: int, vae_shift: float = 0.0, vae_scale: float = 1.0,
+                 caption_text_length: int | None = None, vqa_text_length: int | None = None):
         missing = {"transformer", "text_encoder"} - set(graphdefs)
         if missing:
             raise KeyError(f"Pipeline: networks {sorted(missing)} missing; have {sorted(graphdefs)}")
         self.graphdefs = dict(graphdefs)
         self.tokenizer = tokenizer
         self.text_length, self.image_size = int(text_length), int(image_size)
+        self.caption_text_length = int(caption_text_length or text_length)
+        self.vqa_text_length = int(vqa_text_length or text_length)
         self.vae_shift, self.vae_scale = float(vae_shift), float(vae_scale)
         self._images = jax.jit(self._images_fn, static_argnames=("opts",))
         self._text = jax.jit(self._text_fn, static_argnames=("opts",))
@@ -90,15 +155,21 @@ class Pipeline:
         """A pipeline over `load_pretrained`'s networks.
 
         Sizes default to what a training workdir trained at, else the release's
-        stage-2 sampling sizes (512 px, 256 tokens). Returns the pipeline; pass
-        `bundle.states` to its calls.
+        sampling sizes: 512 px, 256-token prompts, and for captions and VQA its 128
+        tokens whatever the training length (capped at a workdir's trained length,
+        which a from-scratch model's text position table may not exceed). An explicit
+        `text_length` sets every row length. Returns the pipeline; pass `bundle.states`
+        to its calls.
         """
         info = bundle.info
+        trained = info.get("text_length")
         image_size = image_size or info.get("image_size") or 512
-        text_length = text_length or info.get("text_length") or 256
+        task_length = text_length or min(RELEASE_TEXT_LENGTH, trained or RELEASE_TEXT_LENGTH)
+        text_length = text_length or trained or 256
         vae = bundle.configs.get("vae")
         return cls(bundle.graphdefs, bundle.tokenizer, text_length=text_length, image_size=image_size,
-                   vae_shift=vae.shift_factor if vae else 0.0, vae_scale=vae.scaling_factor if vae else 1.0)
+                   vae_shift=vae.shift_factor if vae else 0.0, vae_scale=vae.scaling_factor if vae else 1.0,
+                   caption_text_length=task_length, vqa_text_length=task_length)
 
     # ---- pure pieces (traced)
     def _nets(self, states: States):
@@ -120,12 +191,19 @@ class Pipeline:
         inpaint = {} if known is None else dict(inpaint_mask=known_mask,
                                                 known_latents=self._to_latents(vae, known))
         latents = sample_images(velocity, noise, t5(ids), t5(null_ids), steps=opts.steps, method=opts.method,
-                                shift=opts.shift, cfg_scale=opts.cfg_scale, **inpaint)
+                                shift=opts.shift, cfg_scale=opts.cfg_scale, grid=opts.grid, **inpaint)
         return jnp.clip(self._from_latents(vae, latents), -1.0, 1.0)
 
     def _text_fn(self, states, images, ids, fixed, rng, *, opts: TextOptions):
         mmdit, t5, vae = self._nets(states)
-        clean = self._to_latents(vae, images)
+        if vae is not None and opts.image_latents == "sample":
+            from dual_diffusion.models.vae import sample_posterior
+
+            mean, logvar = vae.encode_moments(images)
+            rng, key = jax.random.split(rng)
+            clean = (sample_posterior(mean, logvar, key) - self.vae_shift) * self.vae_scale
+        else:
+            clean = self._to_latents(vae, images)
         t0 = jnp.zeros((ids.shape[0],), jnp.float32)  # the image is clean: timestep 0
         logits_fn = lambda x: mmdit(clean, t5(x), t0)[1]
         uncond = (lambda x: mmdit(None, t5(x), t0)[1]) if opts.cfg_scale != 1.0 else None
@@ -147,15 +225,11 @@ class Pipeline:
             rows.append(ids + [self.tokenizer.eos_id] * (self.text_length - len(ids)))
         return np.asarray(rows, np.int32).reshape(len(prompts), self.text_length)
 
-    def decode_generated(self, ids_BxL, fixed_BxL) -> list[str]:
-        """The generated (non-fixed) part of each row, up to its first EOS, as text."""
-        out = []
-        for row, fixed in zip(np.asarray(ids_BxL), np.asarray(fixed_BxL)):
-            free = [int(i) for i in row[~fixed]]
-            if self.tokenizer.eos_id in free:
-                free = free[: free.index(self.tokenizer.eos_id)]
-            out.append(self.tokenizer.decode(free).strip())
-        return out
+    def decode_generated(self, ids_BxL, fixed_BxL, *, task: str = "caption",
+                         decoding: str = "first_eos") -> list[str]:
+        """The generated (non-fixed) part of each row as text (`decode_text`)."""
+        return [decode_text(self.tokenizer, row[~fixed], task=task, decoding=decoding)
+                for row, fixed in zip(np.asarray(ids_BxL), np.asarray(fixed_BxL))]
 
     def latent_shape(self, states: States) -> tuple[int, ...]:
         """(h, w, c) of one image's latents."""
@@ -198,29 +272,37 @@ class Pipeline:
         return np.asarray(out)
 
     def caption(self, states: States, images_uint8, *, seed: int = 0, length: int | None = None,
-                opts: TextOptions = TextOptions()) -> list[str]:
-        """Captions of uint8 images (B, S, S, 3); `length` generated tokens at most (default all L)."""
-        n, length = len(images_uint8), self.text_length if length is None else int(length)
-        if not 1 <= length <= self.text_length:
-            raise ValueError(f"caption length {length}; expected 1..{self.text_length}")
+                opts: TextOptions = TextOptions(steps=TEXT_STEPS["caption"])) -> list[str]:
+        """Captions of uint8 images (B, S, S, 3) in rows of caption_text_length tokens; `length`
+        generated tokens at most (default the whole row, as the release)."""
+        n, L = len(images_uint8), self.caption_text_length
+        length = L if length is None else int(length)
+        if not 1 <= length <= L:
+            raise ValueError(f"caption length {length}; expected 1..{L}")
         # Positions beyond `length` are fixed EOS padding, so the caption ends in time.
-        ids = np.full((n, self.text_length), self.tokenizer.eos_id, np.int32)
-        fixed = np.zeros((n, self.text_length), bool)
+        ids = np.full((n, L), self.tokenizer.eos_id, np.int32)
+        fixed = np.zeros((n, L), bool)
         fixed[:, length:] = True
-        return self.decode_generated(self.fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts), fixed)
+        out = self.fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts)
+        return self.decode_generated(out, fixed, task="caption", decoding=opts.decoding)
+
+    def vqa_rows(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, fixed), each (B, vqa_text_length): the release's VQA in-filling layout."""
+        L = self.vqa_text_length
+        layouts = []
+        for q in questions:
+            layout = vqa_layout(self.tokenizer, q, "", L)
+            if layout.truncated or layout.fixed_mask.all():
+                raise ValueError(f"question {q[:60]!r} leaves no room for an answer in {L} tokens")
+            layouts.append(layout)
+        return np.stack([l.text_ids for l in layouts]), np.stack([l.fixed_mask for l in layouts])
 
     def answer(self, states: States, images_uint8, questions: Sequence[str], *, seed: int = 0,
-               opts: TextOptions = TextOptions()) -> list[str]:
+               opts: TextOptions = TextOptions(steps=TEXT_STEPS["vqa"])) -> list[str]:
         """Short answers to one question per image (the release's VQA in-filling layout)."""
         if len(questions) != len(images_uint8):
             raise ValueError(f"{len(questions)} questions for {len(images_uint8)} images")
-        layouts = []
-        for q in questions:
-            layout = vqa_layout(self.tokenizer, q, "", self.text_length)
-            if layout.truncated or layout.fixed_mask.all():
-                raise ValueError(f"question {q[:60]!r} leaves no room for an answer in {self.text_length} tokens")
-            layouts.append(layout)
-        ids = np.stack([l.text_ids for l in layouts])
-        fixed = np.stack([l.fixed_mask for l in layouts])
-        return self.decode_generated(self.fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts), fixed)
+        ids, fixed = self.vqa_rows(questions)
+        out = self.fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts)
+        return self.decode_generated(out, fixed, task="vqa", decoding=opts.decoding)
 

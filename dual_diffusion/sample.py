@@ -1,16 +1,22 @@
 r"""Sampling from the command line: text to image, in-painting, captions and VQA.
 
   python -m dual_diffusion.sample --checkpoint=DIR --task=t2i --prompt="a red circle" [--prompts-file=F]
-      [--num-images=4] [--steps=28] [--cfg=7] [--seed=0] --out=grid.png
+      [--num-images=4] [--steps=28] [--cfg=7] [--grid=diffusers|linspace] [--seed=0] --out=grid.png
   python -m dual_diffusion.sample --checkpoint=DIR --task=caption --image=a.png [--image=b.png]
-      [--length=128] [--steps=64] [--sampler=ancestral|confidence|semi_ar] [--out=captions.json]
+      [--length=N] [--steps=64] [--sampler=ancestral|confidence|semi_ar] [--decoding=first_eos|release]
+      [--out=captions.json]
   python -m dual_diffusion.sample --checkpoint=DIR --task=vqa --image=a.png --question="what color is the circle?"
+      [--steps=32]
   python -m dual_diffusion.sample --checkpoint=DIR --task=inpaint --image=a.png --mask=m.png --prompt="..." --out=x.png
 
 DIR is a converted checkpoint (tools/convert_sd3_weights.py) or a training
 workdir (its latest EMA weights). Images are resized (shorter side) and center
 cropped to the model's size; a mask is white where the image is regenerated.
-Bad arguments print `error: ...` and exit 2, without a traceback.
+Defaults follow the release (README, Sampling): the image sampler runs on diffusers'
+scheduler levels; caption and VQA rows are 128 tokens (a training workdir: the
+length it trained at, when shorter), 64 steps for captions and 32 for VQA. The
+printed JSON has the settings used. Bad arguments print `error: ...` and exit 2,
+without a traceback.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from dual_diffusion.cli import UsageError, run_command
+from dual_diffusion.diffusion.image_sampling import GRIDS
+from dual_diffusion.pipelines import DECODINGS, IMAGE_LATENTS, TEXT_STEPS
 
 TASKS = ("t2i", "caption", "vqa", "inpaint")
 
@@ -37,15 +45,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", action="append", default=[], help="input image (repeatable)")
     p.add_argument("--mask", action="append", default=[], help="in-painting mask per image (white = regenerate)")
     p.add_argument("--question", action="append", default=[], help="VQA question (one, or one per image)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: 28 for images, 64 for text)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 28 for images, 64 captions, 32 VQA)")
     p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale for images")
     p.add_argument("--shift", type=float, default=3.0, help="SD3 time shift of the image sampler")
+    p.add_argument("--grid", default="diffusers", choices=GRIDS,
+                   help="image noise levels: diffusers' FlowMatchEulerDiscreteScheduler (the release) or "
+                        "shift(linspace(1, 0))")
     p.add_argument("--sampler", default="ancestral", choices=("ancestral", "confidence", "semi_ar"))
-    p.add_argument("--length", type=int, help="caption length in tokens (default: the model's text length)")
+    p.add_argument("--decoding", default="first_eos", choices=DECODINGS,
+                   help="text up to the first EOS, or the release's (whole caption without </s>)")
+    p.add_argument("--image-latents", "--image_latents", default="mean", choices=IMAGE_LATENTS,
+                   help="caption/VQA image condition: VAE posterior mean, or a draw (the release)")
+    p.add_argument("--length", type=int, help="caption tokens generated at most (default: the whole row)")
     p.add_argument("--min-new-tokens", "--min_new_tokens", type=int, default=0, help="EOS banned before this")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--image-size", "--image_size", type=int, help="default: the checkpoint's")
-    p.add_argument("--text-length", "--text_length", type=int, help="default: the checkpoint's")
+    p.add_argument("--text-length", "--text_length", type=int,
+                   help="tokens per text row, every task (default: 256 for prompts and 128 for captions and "
+                        "VQA, a workdir's trained length when shorter)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG grid (t2i, inpaint) or JSON file (caption, vqa)")
@@ -120,10 +137,19 @@ def _check(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')}={value}: expected >= 1")
 
 
+def text_options(args):
+    """TextOptions of a caption / VQA run: the flags, else the release's steps for the task."""
+    from dual_diffusion.pipelines import TextOptions
+
+    return TextOptions(steps=args.steps or TEXT_STEPS["caption" if args.task == "caption" else "vqa"],
+                       method=args.sampler, temperature=args.temperature, min_new_tokens=args.min_new_tokens,
+                       decoding=args.decoding, image_latents=args.image_latents)
+
+
 def run(args) -> dict:
     """Does the task; returns what was written (paths and/or texts)."""
     _check(args)
-    from dual_diffusion.pipelines import ImageOptions, Pipeline, TextOptions
+    from dual_diffusion.pipelines import ImageOptions, Pipeline
     from dual_diffusion.pretrained import load_pretrained
 
     try:
@@ -135,7 +161,9 @@ def run(args) -> dict:
     result: dict = {"checkpoint": args.checkpoint, "task": args.task}
 
     if args.task in ("t2i", "inpaint"):
-        opts = ImageOptions(steps=args.steps or 28, cfg_scale=args.cfg, shift=args.shift)
+        opts = ImageOptions(steps=args.steps or 28, cfg_scale=args.cfg, shift=args.shift, grid=args.grid)
+        result["settings"] = dict(steps=opts.steps, cfg=opts.cfg_scale, shift=opts.shift, grid=opts.grid,
+                                  text_length=pipe.text_length, image_size=pipe.image_size)
         prompts = _prompts(args)
         if args.task == "t2i":
             jobs = [p for p in prompts for _ in range(args.num_images)]
@@ -163,8 +191,10 @@ def run(args) -> dict:
         save_grid(images, path, columns)
         result.update(prompts=prompts, images=len(images), out=path)
     else:
-        opts = TextOptions(steps=args.steps or 64, method=args.sampler, temperature=args.temperature,
-                           min_new_tokens=args.min_new_tokens)
+        opts = text_options(args)
+        length = pipe.caption_text_length if args.task == "caption" else pipe.vqa_text_length
+        result["settings"] = dict(steps=opts.steps, sampler=opts.method, decoding=opts.decoding,
+                                  image_latents=opts.image_latents, text_length=length, image_size=pipe.image_size)
         images = [read_image(p, pipe.image_size) for p in args.image]
         questions = (args.question * len(images) if len(args.question) == 1 else args.question) \
             if args.task == "vqa" else None

@@ -70,6 +70,7 @@ class _OraclePipeline:
 
     def __init__(self, real: Pipeline, seed, per_category):
         self.tokenizer, self.text_length, self.encode_prompts = real.tokenizer, real.text_length, real.encode_prompts
+        self.vqa_text_length = real.vqa_text_length
         self.scenes = {s.prompt: s.scene for s in shapes_eval.t2i_prompt_set(seed, per_category)}
 
     def text_to_image(self, states, prompts, *, seed, opts):

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from flax.nnx import traversals
 
-from dual_diffusion.diffusion.masked import Schedule
-from dual_diffusion.pipelines import ImageOptions, Pipeline, TextOptions
+from dual_diffusion.eval_suites import training_sample_options
+from dual_diffusion.pipelines import Pipeline
 from dual_diffusion.training.state import Plan
 
 
@@ -30,11 +30,9 @@ class Sampler:
                                  image_size=int(config.data.image_size),
                                  vae_shift=vae.shift_factor if in_vae else 0.0,
                                  vae_scale=vae.scaling_factor if in_vae else 1.0)
-        s = config.samples
-        self.image_opts = ImageOptions(steps=int(s.image_steps), cfg_scale=float(s.cfg_scale))
-        self.text_opts = TextOptions(steps=int(s.text_steps), method=str(s.text_method),
-                                     min_new_tokens=int(s.min_new_tokens),
-                                     schedule=Schedule(loss_cfg.text_schedule, loss_cfg.text_eps))
+        # One definition (config.samples + config.loss's text schedule), shared with
+        # `evaluate --preset=demo`, which reads the same values from WORKDIR/config.json.
+        self.image_opts, self.text_opts = training_sample_options(config)
 
     def states(self, state: dict, frozen: dict) -> dict:
         """Per-network pure state dicts: frozen weights overlaid with the trained (EMA) ones."""
@@ -61,13 +59,12 @@ class Sampler:
         Image.fromarray(np.concatenate(list(images), axis=1)).save(out / f"step_{step}_images.png")
         (out / f"step_{step}_captions.json").write_text(json.dumps(
             {"prompts": prompts, "captions": caps, "truth": fixed.captions}, indent=2))
+        from dual_diffusion.training.metrics import console
+        console(f"samples for step {step} written to {out}/step_{step}_images.png and step_{step}_captions.json")
 
     def shapes_suite(self, state, frozen) -> dict:
         """Scores on the built-in shapes world: t2i (per category), caption attributes, VQA accuracy."""
-        from dual_diffusion.data.shapes_eval import CATEGORIES
-        from dual_diffusion.eval_suites import shapes_suite
+        from dual_diffusion.eval_suites import shapes_suite, training_suite_settings
 
-        n = int(self.config.eval.shapes_suite_size)
-        return shapes_suite(self.pipeline, self.states(state, frozen), seed=4321,
-                            per_category=max(1, n // len(CATEGORIES)), num_captions=n, num_vqa=n, batch_size=n,
-                            image_opts=self.image_opts, text_opts=self.text_opts, progress=False)
+        return shapes_suite(self.pipeline, self.states(state, frozen), **training_suite_settings(self.config),
+                            progress=jax.process_index() == 0)  # tqdm bars on stderr
