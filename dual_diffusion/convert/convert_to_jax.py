@@ -1,5 +1,7 @@
 """diffusers SD3 / D-DiT folder -> dual_diffusion checkpoint (Orbax + JSON), streamed tensor by tensor.
 
+The source's folders are found by class name (layout.py): SD3's text_encoder_3/ and the release's
+text_encoder/ both hold the T5 encoder.
 Each component is checked completely before anything is written: every
 parameter of our network has a source tensor (or is listed as new), every
 source tensor is used (or listed as dropped), shapes match. Then tensors are
@@ -14,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -23,16 +26,13 @@ from tqdm import tqdm
 
 from dual_diffusion.convert import components as comp
 from dual_diffusion.convert.keymap import Rule
+from dual_diffusion.convert.layout import ConversionError, Layout, check_destination, resolve
 from dual_diffusion.convert.mmdit_keys import mmdit_rules, sd3_init_plan
 from dual_diffusion.convert.safetensors_io import SafetensorsFile, TensorSource
 from dual_diffusion.models import configs as C
 
 INIT_SEED = 0  # seed of the random init that parameters new in a plain-SD3 conversion come from
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jax.numpy.bfloat16)}
-
-
-class ConversionError(ValueError):
-    """A source folder that does not convert exactly; the message names the key / path / shape."""
 
 
 def _read_json(path: Path) -> dict:
@@ -44,25 +44,18 @@ def _read_json(path: Path) -> dict:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
 
 
-def _folder(src: Path, name: str) -> Path:
-    folder = src / name
-    if not folder.is_dir():
-        raise ConversionError(f"{src}: missing the {name}/ folder of a diffusers SD3 checkpoint")
-    return folder
-
-
 class _Plan:
     """How one component's tensors are produced: rules over present source keys, new and dropped keys."""
 
-    def __init__(self, component: comp.Component, cfg, source: TensorSource, rules: list[Rule],
+    def __init__(self, component: comp.Component, folder: Path, cfg, source: TensorSource, rules: list[Rule],
                  new_targets=(), dropped_sources=()):
-        self.component, self.cfg, self.source = component, cfg, source
+        self.component, self.folder, self.cfg, self.source = component, folder, cfg, source
         self.rules, self.new_targets, self.dropped = list(rules), list(new_targets), list(dropped_sources)
         self.variables = comp.flat_variables(component.build_abstract(cfg))
         self._check()
 
     def _check(self) -> None:
-        where = f"{self.component.subfolder} ({self.source.description})"
+        where = f"{self.folder.name} ({self.source.description})"
         targets = [r.target for r in self.rules] + list(self.new_targets)
         dup = [comp.path_name(t) for t, n in collections.Counter(targets).items() if n > 1]
         uncovered = [comp.path_name(p) for p in self.variables if p not in set(targets)]
@@ -104,9 +97,8 @@ class _Plan:
         return len(self.rules) + len(self.new_targets)
 
 
-def _transformer_plan(src: Path, vocab_size: int) -> _Plan:
+def _transformer_plan(folder: Path, vocab_size: int) -> _Plan:
     component = comp.COMPONENTS["transformer"]
-    folder = _folder(src, component.subfolder)
     config = _read_json(folder / "config.json")
     source = TensorSource.from_folder(folder, component.stem)
     is_ddit = "text_proj_out.weight" in source  # a D-DiT release: its text head fixes the vocabulary
@@ -118,23 +110,22 @@ def _transformer_plan(src: Path, vocab_size: int) -> _Plan:
         if vocab_size > cfg.vocab_size:
             raise ConversionError(f"{folder}: text_proj_out has {cfg.vocab_size} rows but the tokenizer has "
                                   f"{vocab_size} ids")
-        return _Plan(component, cfg, source, mmdit_rules(cfg))
+        return _Plan(component, folder, cfg, source, mmdit_rules(cfg))
     try:  # plain SD3: a D-DiT initialisation
         rules, new, dropped = sd3_init_plan(cfg, list(source))
     except ValueError as e:
         raise ConversionError(f"{folder} (plain SD3 transformer, no text_proj_out): {e}") from None
-    return _Plan(component, cfg, source, rules, new, dropped)
+    return _Plan(component, folder, cfg, source, rules, new, dropped)
 
 
-def _simple_plan(src: Path, name: str, parse: Callable[[dict], object]) -> _Plan:
+def _simple_plan(folder: Path, name: str, parse: Callable[[dict], object]) -> _Plan:
     component = comp.COMPONENTS[name]
-    folder = _folder(src, component.subfolder)
     try:
         cfg = parse(_read_json(folder / "config.json"))
     except (KeyError, ValueError) as e:
         raise ConversionError(f"{folder / 'config.json'}: {e}") from None
     source = TensorSource.from_folder(folder, component.stem)
-    return _Plan(component, cfg, source, component.key_rules(cfg))
+    return _Plan(component, folder, cfg, source, component.key_rules(cfg))
 
 
 def load_mask_embedding(path: Path, d_model: int) -> np.ndarray:
@@ -209,7 +200,7 @@ def _write_component(plan: _Plan, dst: Path, dtype: np.dtype | None, bar: tqdm,
         value = plan.source[keys[0]]
         for alias in keys[1:]:  # tied copies must agree, or one of them would be silently lost
             if not np.array_equal(plan.source[alias], value):
-                raise ConversionError(f"{plan.component.subfolder}: tied tensors {keys[0]!r} and {alias!r} differ")
+                raise ConversionError(f"{plan.folder.name}: tied tensors {keys[0]!r} and {alias!r} differ")
         source_dtypes[comp.path_name(rule.target)] = np.dtype(value.dtype).name
         out = alloc(i, rule.target, dtype or value.dtype)
         out[...] = rule.to_ours(np.asarray(value)).astype(out.dtype, copy=False)
@@ -240,44 +231,73 @@ def _write_component(plan: _Plan, dst: Path, dtype: np.dtype | None, bar: tqdm,
 Path_ = comp.Path_
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _mask_record(layout: Layout, transformer: _Plan, mask_embedding, mask_id: int) -> dict:
+    """Where T5's row of the mask token <extra_id_0> comes from; "unaligned" for a plain SD3 source."""
+    if mask_embedding:
+        row, source = "replaced", str(Path(mask_embedding).absolute())
+    elif transformer.new_targets:  # plain SD3: its T5 never saw the mask token as D-DiT uses it
+        row, source = "unaligned", f"{layout.folders['text_encoder']}/ (T5's pretrained row)"
+    else:  # a D-DiT transformer next to the T5 it was trained with
+        row, source = "source", f"{layout.folders['text_encoder']}/ (the source's own row)"
+    return {"row": row, "source": source, "token": "<extra_id_0>", "id": mask_id}
+
+
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, mask_embedding: str | Path | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, log: Callable[[str], None] = print,
+            warn: Callable[[str], None] = _warn) -> dict:
     """Converts a diffusers folder into a dual_diffusion checkpoint at dst; returns the JSON record.
 
-    dtype: None keeps every tensor's source dtype (exact export); "float32" / "bfloat16" casts.
+    dst must be absent or an empty folder. dtype: None keeps every tensor's source dtype (exact
+    export); "float32" / "bfloat16" casts. log receives the line naming the folders used, warn the
+    warnings (default: stdout, and stderr with a "warning: " prefix).
     """
     from dual_diffusion.tokenizer import Tokenizer
 
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ConversionError(f"source folder {src} does not exist")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     out_dtype = DTYPES[dtype] if dtype else None
-    model_index = _read_json(src / "model_index.json")
-    tok_folder = _folder(src, "tokenizer_3")
+    check_destination(dst)
+    layout = resolve(src)
+    log(layout.describe())
+    tok_folder = layout.path("tokenizer")
+    if not (tok_folder / "spiece.model").is_file():
+        raise ConversionError(f"{tok_folder}: no spiece.model (T5's SentencePiece model, which the converter reads; "
+                              "a tokenizer.json alone is not enough: SD3's tokenizer_3/ has the same file)")
     tokenizer = Tokenizer(tok_folder / "spiece.model")
-    plans = {"transformer": _transformer_plan(src, tokenizer.vocab_size),
-             "text_encoder": _simple_plan(src, "text_encoder", C.t5_from_transformers),
-             "vae": _simple_plan(src, "vae", C.vae_from_diffusers)}
+    plans = {"transformer": _transformer_plan(layout.path("transformer"), tokenizer.vocab_size),
+             "text_encoder": _simple_plan(layout.path("text_encoder"), "text_encoder", C.t5_from_transformers),
+             "vae": _simple_plan(layout.path("vae"), "vae", C.vae_from_diffusers)}
     t5 = plans["text_encoder"].cfg
     if tokenizer.vocab_size > t5.vocab_size:
         raise ConversionError(f"{tok_folder}: tokenizer has {tokenizer.vocab_size} ids but the text encoder's "
                               f"embedding has {t5.vocab_size} rows")
     mask_row = load_mask_embedding(mask_embedding, t5.d_model) if mask_embedding else None
-    if (dst / comp.INFO_FILE).exists() or (dst / comp.PARAMS_DIR).exists():
-        raise ConversionError(f"destination {dst} already holds a checkpoint; choose an empty folder")
+    mask_record = _mask_record(layout, plans["transformer"], mask_embedding, tokenizer.mask_id)
+    if mask_record["row"] == "unaligned":
+        warn(f"{src} holds a plain SD3 transformer and --mask-embedding was not given: T5's row "
+             f"{tokenizer.mask_id} (<extra_id_0>, the mask token) keeps T5's pretrained value, not the aligned "
+             "embedding the D-DiT release trains with (its aligned_t5_mask_emb file); pass --mask-embedding FILE "
+             f"to replace it. Recorded as mask_embedding.row = \"unaligned\" in {dst / comp.INFO_FILE}.")
+    created = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
 
     def set_mask_row(arrays):
         rule = next(r for r in plans["text_encoder"].rules if r.source == "shared.weight")
         arrays[rule.target][tokenizer.mask_id] = mask_row.astype(arrays[rule.target].dtype)
 
+    index = layout.root / "model_index.json"
     info = {"format": comp.FORMAT, "version": comp.FORMAT_VERSION, "source": str(src.absolute()),
-            "dtype": dtype or "source", "init_seed": INIT_SEED, "model_index": model_index,
+            "dtype": dtype or "source", "init_seed": INIT_SEED,
+            "model_index": json.loads(index.read_text()) if layout.found_by == index.name else None,
+            "layout": layout.record(),
             "tokenizer": {"folder": comp.TOKENIZER_DIR, "model_file": "spiece.model",
                           "vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id},
-            "mask_embedding": str(Path(mask_embedding).absolute()) if mask_embedding else None,
+            "mask_embedding": mask_record,
             "components": {}}
     total = sum(p.tensor_count() for p in plans.values())
     try:
@@ -285,11 +305,15 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, mask_emb
             for name, plan in plans.items():
                 edit = set_mask_row if name == "text_encoder" and mask_row is not None else None
                 info["components"][name] = _write_component(plan, dst, out_dtype, bar, edit)
-    except BaseException:
-        shutil.rmtree(dst / comp.PARAMS_DIR, ignore_errors=True)  # no half-written checkpoint is left behind
+        shutil.copytree(tok_folder, dst / comp.TOKENIZER_DIR, dirs_exist_ok=True)
+        (dst / comp.INFO_FILE).write_text(json.dumps(info, indent=1))
+    except BaseException:  # no half-written checkpoint is left behind
+        if created:
+            shutil.rmtree(dst, ignore_errors=True)
+        else:
+            for name in (comp.PARAMS_DIR, comp.TOKENIZER_DIR, ".scratch"):
+                shutil.rmtree(dst / name, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(dst / ".scratch", ignore_errors=True)
-    shutil.copytree(tok_folder, dst / comp.TOKENIZER_DIR, dirs_exist_ok=True)
-    (dst / comp.INFO_FILE).write_text(json.dumps(info, indent=1))
     return info
