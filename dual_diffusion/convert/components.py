@@ -8,7 +8,7 @@ use, so this file loads without them.
 On-disk layout of a converted checkpoint (written by convert_to_jax.py):
   DST/dual_diffusion.json   format tag, configs, dtypes, new/dropped keys, tokenizer info
   DST/params/<component>/   one Orbax checkpoint per component: nested dict of arrays
-  DST/tokenizer/            copy of the source tokenizer_3 folder (spiece.model, ...)
+  DST/tokenizer/            copy of the source's T5 tokenizer folder (tokenizer_3/ or tokenizer/: spiece.model, ...)
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ Path_ = tuple[str | int, ...]
 @dataclasses.dataclass(frozen=True)
 class Component:
     name: str             # our name (key in the bundle and in dual_diffusion.json)
-    subfolder: str        # diffusers folder name
+    subfolder: str        # diffusers folder name the export writes (conversion finds folders by class: layout.py)
     stem: str             # weight file stem: <stem>.safetensors or <stem>.safetensors.index.json
     config_cls: type
     model: str            # "module:Class"
