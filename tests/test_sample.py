@@ -69,6 +69,8 @@ def test_caption_vqa_and_inpaint(checkpoint, capsys):
                            "--sampler", "confidence", *SIZE)
     assert code == 0
     assert json.loads(stdout)["answers"][0]["question"] == "what color is it?"
+    settings = json.loads(stdout)["settings"]  # what was used: the flags win over the defaults
+    assert (settings["text_length"], settings["steps"], settings["sampler"]) == (64, 4, "confidence")
 
     out = checkpoint / "inpaint.png"
     code, _, _ = _run(capsys, "--checkpoint", checkpoint / "dst", "--task", "inpaint", "--image", checkpoint / "a.png",
@@ -108,3 +110,73 @@ def test_cli_error_has_no_traceback(tmp_path):
                            "--task", "t2i", "--prompt", "x"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert "error: --checkpoint=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def shapes_tok(tmp_path_factory):
+    """(ours, transformers' T5Tokenizer) on one small SentencePiece model of the shapes captions."""
+    from dual_diffusion.data import shapes
+    from dual_diffusion.tokenizer import Tokenizer, train_sentencepiece
+
+    transformers = pytest.importorskip("transformers")
+    model = train_sentencepiece(shapes.shapes_captions_corpus(0, 200), tmp_path_factory.mktemp("tok") / "spiece",
+                                vocab_size=300)
+    hf = transformers.T5Tokenizer(**transformers.T5Tokenizer.convert_to_native_format(vocab_file=str(model)),
+                                  extra_ids=100)
+    return Tokenizer(model), hf
+
+
+def test_decodings_on_a_known_sequence(shapes_tok):
+    """first_eos cuts at the first EOS; "release" is the release's code run on transformers' tokenizer:
+    captions `decode(ids).replace('</s>', '')`, VQA `text[:text.find('</s>')]`."""
+    from dual_diffusion.pipelines import decode_text
+
+    tok, hf = shapes_tok
+    first, second = tok.encode("a red circle"), tok.encode("two blue squares")  # each ends with EOS
+    ids = first + second + [tok.pad_id] + [tok.eos_id] * 3
+    assert decode_text(tok, ids) == "a red circle"
+    release_caption = hf.decode(ids).replace("</s>", "")
+    assert decode_text(tok, ids, task="caption", decoding="release") == release_caption
+    assert "two blue squares" in release_caption and "<pad>" in release_caption  # kept after the first EOS
+    text = hf.decode(ids)
+    assert decode_text(tok, ids, task="vqa", decoding="release") == text[:text.find("</s>")] == "a red circle"
+    no_eos = tok.encode("a red circle", add_eos=False)
+    assert decode_text(tok, no_eos) == "a red circle"
+    assert decode_text(tok, no_eos, task="vqa", decoding="release") == "a red circl"  # the script's find() == -1
+    with pytest.raises(ValueError, match="decoding='greedy'"):
+        decode_text(tok, ids, decoding="greedy")
+
+
+def test_text_row_lengths_resolved_per_checkpoint():
+    """Caption and VQA rows: the release's 128 tokens for a converted checkpoint whatever it trained at,
+    a workdir's own length when shorter, an explicit length everywhere; prompts keep 256 / the trained length."""
+    from types import SimpleNamespace
+
+    from dual_diffusion.pipelines import Pipeline
+
+    graphdefs = {"transformer": None, "text_encoder": None}
+
+    def rows(info, **kw):
+        pipe = Pipeline.from_bundle(SimpleNamespace(info=info, configs={}, graphdefs=graphdefs, tokenizer=None), **kw)
+        return pipe.text_length, pipe.caption_text_length, pipe.vqa_text_length
+
+    assert rows({"components": {}}) == (256, 128, 128)  # converted: no training length recorded
+    assert rows({"step": 10, "text_length": 256}) == (256, 128, 128)
+    assert rows({"step": 10, "text_length": 32}) == (32, 32, 32)  # the demo's workdir
+    assert rows({"components": {}}, text_length=64) == (64, 64, 64)
+
+
+def test_release_text_defaults_on_converted_checkpoint(checkpoint):
+    """No --text-length / --steps: captions 128 tokens 64 steps, VQA 128 tokens 32 steps, t2i 256 / 28,
+    whatever length the converted model trained at."""
+    from dual_diffusion.pipelines import Pipeline
+    from dual_diffusion.pretrained import load_pretrained
+
+    pipe = Pipeline.from_bundle(load_pretrained(checkpoint / "dst", components=("transformer", "text_encoder")))
+    assert (pipe.text_length, pipe.caption_text_length, pipe.vqa_text_length) == (256, 128, 128)
+    parse = lambda *a: sample.parse_args(["--checkpoint", "x", *a])  # noqa: E731
+    caption, vqa = sample.text_options(parse("--task", "caption")), sample.text_options(parse("--task", "vqa"))
+    assert (caption.steps, caption.method, caption.decoding) == (64, "ancestral", "first_eos")
+    assert (vqa.steps, vqa.method, vqa.decoding) == (32, "ancestral", "first_eos")
+    assert sample.text_options(parse("--task", "vqa", "--steps", "8", "--decoding", "release")).decoding == "release"
+    assert parse("--task", "t2i").grid == "diffusers"
