@@ -244,3 +244,19 @@ def test_bad_dst_is_one_line_error(folders, tmp_path, case):
     assert done.stderr.splitlines() == [expected], done.stderr
     assert done.stdout == ""
     assert _snapshot(dst) == before
+
+
+def test_library_functions_refuse_bad_destinations(tmp_path):
+    from dual_diffusion.convert.convert_to_jax import convert
+    from dual_diffusion.convert.export import export_to_diffusers
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(L.ConversionError, match=r"^destination .*full is not empty \(holds x\)"):
+        convert(tmp_path / "absent_src", tmp_path / "full", progress=False)
+    with pytest.raises(L.ConversionError, match=r"^export destination .*file is a file, not a folder"):
+        export_to_diffusers(tmp_path / "absent_src", tmp_path / "file", progress=False)
+    with pytest.raises(L.ConversionError, match=r"^destination .*file/sub: .*file is a file, not a folder"):
+        convert(tmp_path / "absent_src", tmp_path / "file" / "sub", progress=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file", "full", "x"]

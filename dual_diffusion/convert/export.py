@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dual_diffusion.convert import components as comp
+from dual_diffusion.convert.layout import check_destination
 from dual_diffusion.convert.safetensors_io import write_safetensors
 
 DEFAULT_SHARD_BYTES = 10 * 2**30  # diffusers' default max_shard_size
@@ -89,11 +90,10 @@ def export_to_diffusers(src: str | Path, dst: str | Path, dtype: str | None = No
                         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> None:
     """Exports the converted checkpoint at src into a diffusers folder at dst (must not exist or be empty)."""
     src, dst = Path(src), Path(dst)
+    check_destination(dst, "export destination")
     if not src.is_dir():
         raise FileNotFoundError(f"checkpoint folder {src} does not exist")
     info = comp.read_info(src)
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"export destination {dst} is not empty")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
     if dtype == "bfloat16":
