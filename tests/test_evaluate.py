@@ -235,3 +235,86 @@ def test_cli_shapes_on_converted_checkpoint(tmp_path, capsys):
     assert all(0.0 <= v <= 1.0 for v in printed["t2i"].values())
     assert json.loads((tmp_path / "dst" / "eval" / "scores.json").read_text())["t2i"] == printed["t2i"]
     assert "| t2i / overall |" in (tmp_path / "dst" / "eval" / "scores.md").read_text()
+
+
+def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path, monkeypatch, capsys):
+    """`evaluate --preset=demo` on a demo workdir calls the shapes suite exactly as the trainer's final
+    evaluation does (same options, seed, sizes, counts, batch), reading them from WORKDIR/config.json."""
+    from types import SimpleNamespace
+
+    from dual_diffusion import pretrained
+    from dual_diffusion.training import samples as training_samples
+
+    sys.path.insert(0, str(REPO))
+    from configs import demo
+
+    config = demo.get_config()
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    calls = []
+    monkeypatch.setattr(eval_suites, "shapes_suite",
+                        lambda pipeline, states, **kw: calls.append((pipeline, kw)) or {"suite": "shapes"})
+    graphdefs = {"transformer": None, "text_encoder": None}
+    trainer = training_samples.Sampler(config, SimpleNamespace(split=SimpleNamespace(graphdefs=graphdefs)),
+                                       None, None, None)
+    trainer.shapes_suite({"params": {}}, {})
+    # The workdir as load_pretrained reads it (sizes from its config.json), without networks.
+    bundle = SimpleNamespace(info={"step": 1600, "image_size": 32, "text_length": 32}, configs={},
+                             graphdefs=graphdefs, tokenizer=None, states={})
+    runtimes = []
+    monkeypatch.setattr(pretrained, "load_pretrained", lambda path, runtime: runtimes.append(runtime) or bundle)
+    assert evaluate.main(["--checkpoint", str(workdir), "--suite=shapes", "--preset=demo",
+                          "--out_dir", str(tmp_path / "out")]) == 0
+    (train_pipe, train_kw), (eval_pipe, eval_kw) = calls
+    assert eval_kw.pop("vqa_opts") == train_kw["text_opts"] and eval_kw.pop("caption_length") is None
+    train_kw.pop("progress", None)  # display only
+    assert eval_kw == train_kw
+    for size in ("image_size", "text_length", "caption_text_length", "vqa_text_length"):
+        assert getattr(eval_pipe, size) == getattr(train_pipe, size), size
+    assert runtimes[0].dtype == config.runtime.dtype
+    # The demo's own numbers, not evaluate's defaults (CFG 7, 28 steps, ancestral, 200 items).
+    image, text = train_kw["image_opts"], train_kw["text_opts"]
+    assert (image.cfg_scale, image.steps) == (config.samples.cfg_scale, config.samples.image_steps) != (7.0, 28)
+    assert (text.method, text.steps) == (config.samples.text_method, config.samples.text_steps)
+    assert train_kw["num_vqa"] == config.eval.shapes_suite_size != 200
+    # An explicit flag still wins over the preset.
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(workdir), "--suite=shapes", "--preset=demo", "--num_vqa=7",
+                          "--cfg=5", "--out_dir", str(tmp_path / "out")]) == 0
+    assert calls[-1][1]["num_vqa"] == 7 and calls[-1][1]["image_opts"].cfg_scale == 5.0
+    assert calls[-1][1]["text_opts"] == train_kw["text_opts"]
+
+
+def test_release_decoding_resolves_the_release_protocol():
+    """--release-decoding: ancestral, 64 caption / 32 VQA steps, a posterior draw as the image, the release's
+    decoding; the defaults differ only in decoding and image latents; explicit flags override."""
+    from dual_diffusion.pipelines import ImageOptions
+
+    parse = lambda *a: evaluate.resolve_settings(evaluate.parse_args(["--checkpoint", "x", *a]))  # noqa: E731
+    release = parse("--suite=vqav2", "--release-decoding")
+    for opts, steps in ((release["caption_opts"], 64), (release["vqa_opts"], 32)):
+        assert (opts.method, opts.steps, opts.temperature, opts.min_new_tokens) == ("ancestral", steps, 1.0, 0)
+        assert (opts.decoding, opts.image_latents) == ("release", "sample")
+    assert release["image_opts"] == ImageOptions() and release["image_opts"].grid == "diffusers"
+    assert release["text_length"] is None  # Pipeline.from_bundle: 128-token caption / VQA rows
+    default = parse("--suite=vqav2")
+    assert (default["caption_opts"].steps, default["vqa_opts"].steps) == (64, 32)
+    assert (default["vqa_opts"].decoding, default["vqa_opts"].image_latents) == ("first_eos", "mean")
+    assert parse("--release-decoding", "--text_steps=16")["caption_opts"].steps == 16
+
+
+def test_pipeline_applies_the_decoding_option(tiny):
+    """Captions and answers are decode_text of the sampled ids under the option's decoding."""
+    import dataclasses
+
+    from dual_diffusion.pipelines import decode_text
+
+    pipe, states = tiny
+    images = shapes_eval.caption_eval_set(0, 2, 32).images
+    opts = dataclasses.replace(FAST_TEXT, decoding="release")
+    ids = np.full((2, pipe.caption_text_length), pipe.tokenizer.eos_id, np.int32)
+    raw = pipe.fill_text(states, images, ids, np.zeros(ids.shape, bool), seed=3, opts=opts)
+    assert pipe.caption(states, images, seed=3, opts=opts) == [
+        decode_text(pipe.tokenizer, row, task="caption", decoding="release") for row in raw]
+    assert pipe.caption(states, images, seed=3, opts=FAST_TEXT) == [decode_text(pipe.tokenizer, row) for row in raw]
