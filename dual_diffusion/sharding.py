@@ -13,6 +13,8 @@ Logical axes:
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -91,6 +93,16 @@ def _logical_spec(leaf) -> tuple | None:
     return None
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """`spec` with every dimension that its mesh axes do not divide left replicated (padded to len(shape))."""
+    fixed = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fixed.append(axes if size > 1 and dim % size == 0 else None)
+    return P(*fixed)
+
+
 def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
     """NamedShardings for an nnx.State (or any pytree of Variables), from logical names.
 
@@ -101,14 +113,63 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) ->
     def one(leaf):
         spec = logical_to_mesh_spec(_logical_spec(leaf), rules)
         shape = getattr(leaf, "shape", None) or getattr(getattr(leaf, "value", None), "shape", ())
-        fixed = []
-        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-            fixed.append(axes if size > 1 and dim % size == 0 else None)
-        return NamedSharding(mesh, P(*fixed))
+        return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# --------------------------------------------------------------------------- activations
+# Set while a step is traced (training/step.py): the mesh and rules that activation constraints and the
+# attention kernel choice read. Outside it (single-device inference, unit tests) constraints are no-ops.
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Sequence[tuple[str, Any]]):
+    """Within this context, `constrain` pins activations to `mesh` by `rules`, and kernels target its platform."""
+    previous = getattr(_ACTIVE, "value", None)
+    _ACTIVE.value = None if mesh is None else (mesh, tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.value = previous
+
+
+def active_mesh_and_rules() -> tuple[Mesh, tuple] | None:
+    return getattr(_ACTIVE, "value", None)
+
+
+def compute_platform() -> str:
+    """Platform of the devices the traced computation runs on: the active mesh's, else the default backend's.
+
+    A step compiled for a TPU topology from a CPU host must pick TPU kernels, so the host's backend is
+    never consulted while a mesh is active.
+    """
+    active = active_mesh_and_rules()
+    if active is not None:
+        return active[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+def activation_spec(logical: Sequence[str | None], shape: Sequence[int]) -> P | None:
+    """The mesh PartitionSpec `constrain` would use for these logical axes and shape (None: no mesh active)."""
+    active = active_mesh_and_rules()
+    if active is None:
+        return None
+    mesh, rules = active
+    return fit_spec(logical_to_mesh_spec(logical, rules), shape, mesh)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """x with its sharding pinned by logical axis names (e.g. ("batch", "seq", None)); identity without a mesh.
+
+    Without these pins XLA propagates the weights' fsdp sharding (on the model width) into the activations
+    and every chip computes the whole batch (../shared/TPU.md).
+    """
+    spec = activation_spec(logical, x.shape)
+    if spec is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(active_mesh_and_rules()[0], spec))
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> NamedSharding:

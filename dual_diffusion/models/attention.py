@@ -1,12 +1,17 @@
 """The one attention function every network calls.
 
-`attention(q, k, v, impl=...)` picks the kernel from the config:
+`attention(q, k, v, impl=...)` picks the kernel from the config and from the
+platform of the devices the computation runs on (the active mesh's, see
+`sharding.compute_platform`; never the host's, so a step compiled for a TPU
+topology from a CPU host contains the TPU kernels):
   xla     plain XLA (any backend, any dtype; the parity reference)
   cudnn   cuDNN flash attention (NVIDIA GPU, bf16/fp16)
-  pallas  Pallas flash attention (TPU)
+  pallas  Pallas splash attention (TPU), under shard_map over the batch and head axes
   auto    cudnn on GPU with bf16/fp16, pallas on TPU, else xla
-An implementation that cannot serve a call (wrong backend, dtype, bias or
-shape) falls back to xla, with one warning per reason.
+An implementation that cannot serve a call falls back to xla, with one warning
+per reason. Biased attention (T5's relative positions) always uses xla: a
+Pallas kernel would need the full (B, H, L, L) float32 bias in memory, as large
+as the logits XLA makes, and at T5's 256 tokens those are small.
 """
 from __future__ import annotations
 
@@ -14,9 +19,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from dual_diffusion import sharding
 
 IMPLS = ("auto", "xla", "cudnn", "pallas")
+LANES = 128  # splash block sizes are multiples of the TPU lane width
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,40 +42,94 @@ def _xla(q, k, v, bias, scale):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _pallas_tpu(q, k, v, bias, scale):
-    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+# --------------------------------------------------------------------------- splash (TPU)
+def splash_block(length: int, preferred: int) -> tuple[int, int]:
+    """(padded length, block): the length rounded up to the lane width and the largest block <= preferred
+    (a multiple of 128) that divides it, so 1024 + 256 tokens use 256-blocks instead of padding to 1536."""
+    padded = -(-length // LANES) * LANES
+    block = max(LANES, min(preferred, padded) // LANES * LANES)
+    while padded % block:
+        block -= LANES
+    return padded, block
 
-    to_bhld = lambda x: jnp.swapaxes(x, 1, 2)
-    out = flash_attention(to_bhld(q), to_bhld(k), to_bhld(v), ab=bias, sm_scale=scale)
-    return jnp.swapaxes(out, 1, 2)
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, padded: int, block: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    # Made once per shape, outside any trace: the kernel holds the mask's block tables as constants.
+    mask = masks.MultiHeadMask([masks.FullMask((padded, padded)) for _ in range(heads)])
+    blocks = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    with jax.ensure_compile_time_eval():
+        return kernel.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def resolve_impl(impl: str, dtype) -> str:
-    """The implementation `attention` will try for this backend and dtype."""
+def _splash_local(q, k, v, scale: float, block: int, interpret: bool):
+    """Splash attention on one device's shard: q, k, v (B, L, H, D) -> (B, L, H, D).
+
+    Lengths that are not a multiple of the lane width are padded; padded keys get their own segment id,
+    so real queries never attend to them (padded queries attend only padding and are cut off).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    b, length, h, _ = q.shape
+    padded, block = splash_block(length, block)
+    to_bhld = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+    q = q * jnp.asarray(scale, q.dtype)  # the kernel does not scale its logits
+    segments = None
+    if padded != length:
+        ids = jnp.asarray(np.arange(padded) >= length, jnp.int32)
+        segments = SegmentIds(q=ids, kv=ids)
+    kern = _splash_kernel(h, padded, block, interpret)
+    out = jax.vmap(lambda qq, kk, vv: kern(qq, kk, vv, segment_ids=segments))(to_bhld(q), to_bhld(k), to_bhld(v))
+    return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v.dtype)
+
+
+def splash_attention(q, k, v, *, scale: float, block: int = 512, interpret: bool = False):
+    """Splash attention, under shard_map over the active mesh's batch and head axes (when one is active).
+
+    Mosaic kernels cannot be partitioned by XLA, so the call is mapped per device: each device runs the
+    kernel on its rows and heads; the sequence stays whole (attention needs every key).
+    """
+    spec = sharding.activation_spec(("batch", None, "heads", None), q.shape)
+    fn = functools.partial(_splash_local, scale=scale, block=block, interpret=interpret)
+    if spec is None or all(axis is None for axis in spec):
+        return fn(q, k, v)
+    mesh = sharding.active_mesh_and_rules()[0]
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+# --------------------------------------------------------------------------- dispatch
+def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
+    """The implementation `attention` will try for this platform (default: the computation's) and dtype."""
     if impl not in IMPLS:
         raise ValueError(f"attention_impl={impl!r}; expected one of {IMPLS}")
-    backend = jax.default_backend()
+    platform = sharding.compute_platform() if platform is None else platform
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if impl == "auto":
-        if backend == "gpu" and half:
+        if platform == "gpu" and half:
             return "cudnn"
-        return "pallas" if backend == "tpu" else "xla"
-    if impl == "cudnn" and (backend != "gpu" or not half):
-        _warn_once(f"attention: cudnn needs a GPU and bf16/fp16 (backend={backend}, dtype={jnp.dtype(dtype)}); using xla")
+        return "pallas" if platform == "tpu" else "xla"
+    if impl == "cudnn" and (platform != "gpu" or not half):
+        _warn_once(f"attention: cudnn needs a GPU and bf16/fp16 (platform={platform}, dtype={jnp.dtype(dtype)}); "
+                   "using xla")
         return "xla"
-    if impl == "pallas" and backend != "tpu":
-        _warn_once(f"attention: pallas flash attention needs a TPU (backend={backend}); using xla")
+    if impl == "pallas" and platform != "tpu":
+        _warn_once(f"attention: pallas splash attention needs a TPU (platform={platform}); using xla")
         return "xla"
     return impl
 
 
-def attention(q, k, v, *, impl: str = "auto", bias=None, scale: float | None = None):
+def attention(q, k, v, *, impl: str = "auto", bias=None, scale: float | None = None, block: int = 512):
     """Multi-head attention without masking of keys beyond `bias`.
 
     Args:
       q: (B, Lq, H, D); k, v: (B, Lk, H, D).
       bias: optional additive logits bias broadcastable to (B, H, Lq, Lk) (T5's relative positions).
       scale: logits scale; default 1/sqrt(D) (T5 passes 1.0).
+      block: preferred splash block size (Runtime.attention_block).
     Returns:
       (B, Lq, H, D) in v's dtype.
     """
@@ -79,11 +143,6 @@ def attention(q, k, v, *, impl: str = "auto", bias=None, scale: float | None = N
                 _warn_once(f"attention: cudnn rejected q{q.shape} {q.dtype} ({type(e).__name__}: {e}); using xla")
         else:
             _warn_once("attention: cudnn path is used without a bias only; using xla for biased attention")
-    elif chosen == "pallas":
-        try:
-            if bias is not None:
-                bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])).astype(jnp.float32)
-            return _pallas_tpu(q, k, v, bias, scale)
-        except Exception as e:
-            _warn_once(f"attention: pallas rejected q{q.shape} ({type(e).__name__}: {e}); using xla")
+    elif chosen == "pallas" and bias is None and q.shape[1] == k.shape[1]:
+        return splash_attention(q, k, v, scale=scale, block=block)
     return _xla(q, k, v, bias, scale)

@@ -43,6 +43,8 @@ class Runtime(_Config):
     dtype: compute dtype ("float32" or "bfloat16"); parameters stay in param_dtype
       and are cast on use, so bf16 training keeps fp32 master weights.
     attention_impl: "auto" | "xla" | "cudnn" | "pallas" (see models/attention.py).
+    attention_block: preferred query/key block of Pallas splash attention (a multiple of 128; the
+      largest such block dividing the padded sequence is used).
     scan_layers: run identical consecutive layers with one `jax.lax.scan` (fast
       compiles at 24+ layers). Parameters are stored per layer either way.
     remat_policy: "none" | "full" | "dots" | "dots_no_batch" (jax.checkpoint policy per layer).
@@ -51,6 +53,7 @@ class Runtime(_Config):
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "auto"
+    attention_block: int = 512
     scan_layers: bool = False
     remat_policy: str = "none"
 

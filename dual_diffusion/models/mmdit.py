@@ -25,10 +25,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dual_diffusion.models.attention import attention
+from dual_diffusion.sharding import constrain
 from dual_diffusion.models.configs import MMDiTConfig, Runtime
 from dual_diffusion.models.embeddings import PatchEmbed, TimestepEmbedder
 from dual_diffusion.models.layers import (KeyStream, Linear, RMSNorm, check_remat_policy, layer_norm, param, remat,
                                           zeros)
+
+
+STREAM = ("batch", "seq", None)  # residual streams: rows over the batch axes, width whole on every chip
+HEADS = ("batch", "seq", "heads", None)
 
 
 def _modulate(x_norm, shift_BxD, scale_BxD):
@@ -44,7 +49,7 @@ class MLP(nnx.Module):
         self.fc2 = Linear(4 * hidden, hidden, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        return self.fc2(jax.nn.gelu(constrain(self.fc1(x), ("batch", "seq", "mlp")), approximate=True))
 
 
 class QKV(nnx.Module):
@@ -64,7 +69,7 @@ class QKV(nnx.Module):
 
     def __call__(self, x_BxLxD):
         b, l, _ = x_BxLxD.shape
-        split = lambda t: t.reshape(b, l, self.heads, -1)
+        split = lambda t: constrain(t.reshape(b, l, self.heads, -1), HEADS)
         q, k, v = split(self.q(x_BxLxD)), split(self.k(x_BxLxD)), split(self.v(x_BxLxD))
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
@@ -76,14 +81,14 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, cfg: MMDiTConfig, runtime: Runtime, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.impl = runtime.attention_impl
+        self.impl, self.block = runtime.attention_impl, runtime.attention_block
         self.qkv = QKV(cfg, runtime, rngs=rngs)
         self.out = Linear(d, d, ("heads", "embed"), dtype=runtime.dtype, param_dtype=runtime.param_dtype,
                           rngs=rngs)
 
     def __call__(self, x_BxLxD):
         q, k, v = self.qkv(x_BxLxD)
-        o = attention(q, k, v, impl=self.impl)
+        o = attention(q, k, v, impl=self.impl, block=self.block)
         return self.out(o.reshape(o.shape[0], o.shape[1], -1))
 
 
@@ -92,7 +97,7 @@ class JointBlock(nnx.Module):
 
     def __init__(self, cfg: MMDiTConfig, runtime: Runtime, *, dual_attention: bool, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.impl = runtime.attention_impl
+        self.impl, self.block = runtime.attention_impl, runtime.attention_block
         kw = dict(dtype=runtime.dtype, param_dtype=runtime.param_dtype, rngs=rngs)
         # AdaLN-Zero: modulations start at zero so every block starts as the identity.
         mod = lambda n: Linear(d, n * d, ("embed", "mlp"), kernel_init=zeros, **kw)
@@ -108,6 +113,7 @@ class JointBlock(nnx.Module):
 
     def __call__(self, x_BxNxD, c_BxLxD, temb_BxD):
         """Image tokens x, text tokens c (float32 residual streams), conditioning temb -> (x, c)."""
+        x_BxNxD, c_BxLxD = constrain(x_BxNxD, STREAM), constrain(c_BxLxD, STREAM)
         cond = jax.nn.silu(temb_BxD)
         img = jnp.split(self.img_mod(cond), 9 if self.attn2 is not None else 6, axis=-1)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = img[:6]
@@ -118,8 +124,8 @@ class JointBlock(nnx.Module):
         qt, kt, vt = self.txt_qkv(_modulate(layer_norm(c_BxLxD), c_shift, c_scale))
         n = x_BxNxD.shape[1]
         cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-        o = attention(cat(qi, qt), cat(ki, kt), cat(vi, vt), impl=self.impl)
-        o = o.reshape(o.shape[0], o.shape[1], -1)
+        o = attention(cat(qi, qt), cat(ki, kt), cat(vi, vt), impl=self.impl, block=self.block)
+        o = constrain(o, HEADS).reshape(o.shape[0], o.shape[1], -1)
 
         x = x_BxNxD + gate[:, None] * self.img_out(o[:, :n])
         if self.attn2 is not None:
@@ -130,7 +136,7 @@ class JointBlock(nnx.Module):
 
         c = c_BxLxD + c_gate[:, None] * self.txt_out(o[:, n:])
         c = c + c_gate_mlp[:, None] * self.txt_mlp(_modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
-        return x, c
+        return constrain(x, STREAM), constrain(c, STREAM)
 
 
 def _block_fn(graphdef, remat_policy: str):
@@ -210,6 +216,7 @@ class MMDiT(nnx.Module):
             x = self.pos_embed(latents)
         else:
             x = jnp.broadcast_to(self.null_image_embd[...].astype(jnp.float32), (b,) + self.null_image_embd.shape[1:])
+        x = constrain(x, STREAM)
         temb = self.time_embed(timestep)
         c = self.context_embedder(text_hidden, out_dtype=jnp.float32)
         if self.text_pos_embed is not None:
@@ -217,7 +224,7 @@ class MMDiT(nnx.Module):
             if c.shape[1] > n_max:
                 raise ValueError(f"MMDiT: text length {c.shape[1]} exceeds text_pos_embed_len={n_max}")
             c = c + self.text_pos_embed[:, :c.shape[1]].astype(jnp.float32)
-        x, c = self._run_blocks(x, c, temb)
+        x, c = self._run_blocks(x, constrain(c, STREAM), temb)
 
         velocity = None
         if latents is not None:
@@ -227,7 +234,8 @@ class MMDiT(nnx.Module):
             p, oc = self.cfg.patch_size, self.cfg.out_channels
             h, w = hh // p, ww // p
             velocity = patches.reshape(b, h, w, p, p, oc).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, oc)
-        logits = self.text_out_proj(layer_norm(c), out_dtype=jnp.float32)
+            velocity = constrain(velocity, ("batch", None, None, None))
+        logits = constrain(self.text_out_proj(layer_norm(c), out_dtype=jnp.float32), ("batch", "seq", "vocab"))
         return velocity, logits
 
 

@@ -25,6 +25,9 @@ from flax import nnx
 from dual_diffusion.models.attention import attention
 from dual_diffusion.models.configs import Runtime, T5Config
 from dual_diffusion.models.layers import Linear, RMSNorm, check_remat_policy, remat
+from dual_diffusion.sharding import constrain
+
+STREAM = ("batch", "seq", None)
 
 def relative_position_buckets(query_len: int, key_len: int, num_buckets: int, max_distance: int,
                               bidirectional: bool = True) -> np.ndarray:
@@ -85,7 +88,7 @@ class T5Layer(nnx.Module):
         """h: float32 residual stream; bias: position bias + key mask (float32)."""
         B, L, _ = h_BxLxD.shape
         x = self.attn_norm(h_BxLxD)
-        heads = lambda t: t.reshape(B, L, self.num_heads, self.head_dim)
+        heads = lambda t: constrain(t.reshape(B, L, self.num_heads, self.head_dim), ("batch", "seq", "heads", None))
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         # T5 folds any 1/sqrt(d) into its weights: unscaled logits (scale=1.0).
         a = attention(q, k, v, impl=self.attention_impl, bias=bias_BxHxLxL, scale=1.0)
@@ -96,8 +99,9 @@ class T5Layer(nnx.Module):
             f = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
         else:
             f = jax.nn.relu(self.wi(x))
+        f = constrain(f, ("batch", "seq", "mlp"))
         # transformers keeps wo in float32 under half precision; we accumulate it in float32.
-        return h_BxLxD + self.wo(f, out_dtype=jnp.float32)
+        return constrain(h_BxLxD + self.wo(f, out_dtype=jnp.float32), STREAM)
 
 
 class T5Encoder(nnx.Module):
@@ -131,13 +135,14 @@ class T5Encoder(nnx.Module):
         # Embedding rows are rounded to the compute dtype (as a bf16 torch model would), then
         # carried in the float32 residual stream.
         h = jnp.take(self.embedding[...], token_ids_BxL, axis=0).astype(dtype).astype(jnp.float32)
+        h = constrain(h, STREAM)
         bias = self.position_bias(L)
         if attention_mask_BxL is not None:
             # Masked keys get the most negative float32, as transformers' additive mask does.
             keep = attention_mask_BxL.astype(bool)[:, None, None, :]
             bias = bias + jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)
         h = self._run_layers(h, bias)
-        return self.final_norm(h).astype(jnp.float32)
+        return constrain(self.final_norm(h).astype(jnp.float32), STREAM)
 
     def _run_layers(self, h: jax.Array, bias: jax.Array) -> jax.Array:
         """All layers, as a Python loop or one lax.scan over per-layer states stacked here.
@@ -149,7 +154,7 @@ class T5Encoder(nnx.Module):
         states = [nnx.state(layer) for layer in self.layers]
 
         def one_layer(h, state):
-            return nnx.merge(graphdef, state)(h, bias)
+            return nnx.merge(graphdef, state)(constrain(h, STREAM), bias)
 
         one_layer = remat(one_layer, self.runtime.remat_policy)
         if not self.runtime.scan_layers:

@@ -209,6 +209,8 @@ class Plan:
     fresh_state: Callable  # params -> train state at step 0 (optimizer, EMA, RNG); for init_from
     mask_id: int
     use_ema: bool
+    mesh: Any = None  # the mesh and logical rules activations are pinned to while the step is traced
+    rules: tuple = ()
 
 
 def make_plan(config, mesh, rules, mask_id: int) -> Plan:
@@ -244,7 +246,8 @@ def make_plan(config, mesh, rules, mask_id: int) -> Plan:
     init_fn = jax.jit(init, out_shardings=(state_sh, frozen_sh))
     add = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
     return Plan(arch, runtime, split, tx, schedule, add(abstract_state, state_sh), state_sh,
-                add(abstract_frozen, frozen_sh), frozen_sh, counts, init_fn, fresh_state, mask_id, use_ema)
+                add(abstract_frozen, frozen_sh), frozen_sh, counts, init_fn, fresh_state, mask_id, use_ema,
+                mesh=mesh, rules=tuple(tuple(r) for r in rules))
 
 
 def _like_params(opt_state, params, params_sh, replicated):
