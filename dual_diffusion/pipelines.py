@@ -182,6 +182,17 @@ class Pipeline:
     def _from_latents(self, vae, latents):
         return latents if vae is None else vae.decode(latents / self.vae_scale + self.vae_shift)
 
+    def _image_condition(self, vae, images, rng, image_latents: str):
+        """(latents, rng) of the clean image a caption / answer is conditioned on: the posterior mean,
+        or ("sample", as the release) a posterior draw, with the key it used split off rng."""
+        if vae is None or image_latents == "mean":
+            return self._to_latents(vae, images), rng
+        from dual_diffusion.models.vae import sample_posterior
+
+        mean, logvar = vae.encode_moments(images)
+        rng, key = jax.random.split(rng)
+        return (sample_posterior(mean, logvar, key) - self.vae_shift) * self.vae_scale, rng
+
     def _encode_fn(self, states, images):
         return self._to_latents(self._nets(states)[2], images)
 
@@ -196,14 +207,7 @@ class Pipeline:
 
     def _text_fn(self, states, images, ids, fixed, rng, *, opts: TextOptions):
         mmdit, t5, vae = self._nets(states)
-        if vae is not None and opts.image_latents == "sample":
-            from dual_diffusion.models.vae import sample_posterior
-
-            mean, logvar = vae.encode_moments(images)
-            rng, key = jax.random.split(rng)
-            clean = (sample_posterior(mean, logvar, key) - self.vae_shift) * self.vae_scale
-        else:
-            clean = self._to_latents(vae, images)
+        clean, rng = self._image_condition(vae, images, rng, opts.image_latents)
         t0 = jnp.zeros((ids.shape[0],), jnp.float32)  # the image is clean: timestep 0
         logits_fn = lambda x: mmdit(clean, t5(x), t0)[1]
         uncond = (lambda x: mmdit(None, t5(x), t0)[1]) if opts.cfg_scale != 1.0 else None

@@ -180,3 +180,27 @@ def test_release_text_defaults_on_converted_checkpoint(checkpoint):
     assert (vqa.steps, vqa.method, vqa.decoding) == (32, "ancestral", "first_eos")
     assert sample.text_options(parse("--task", "vqa", "--steps", "8", "--decoding", "release")).decoding == "release"
     assert parse("--task", "t2i").grid == "diffusers"
+
+
+def test_image_condition_mean_or_posterior_draw(checkpoint):
+    """"mean": (mean - shift) * scale; "sample": the release's (posterior draw - shift) * scale."""
+    import jax
+
+    from dual_diffusion.models.vae import sample_posterior
+    from dual_diffusion.pipelines import Pipeline, to_float
+    from dual_diffusion.pretrained import load_pretrained
+
+    bundle = load_pretrained(checkpoint / "dst")
+    pipe = Pipeline.from_bundle(bundle, image_size=32)
+    vae = bundle.model("vae")
+    images = to_float(sample.read_image(str(checkpoint / "a.png"), 32)[None])
+    rng = jax.random.key(5)
+    mean_latents, same_rng = pipe._image_condition(vae, images, rng, "mean")
+    assert same_rng is rng
+    np.testing.assert_allclose(mean_latents, (vae.encode(images) - pipe.vae_shift) * pipe.vae_scale, atol=1e-6)
+    drawn, next_rng = pipe._image_condition(vae, images, rng, "sample")
+    mean, logvar = vae.encode_moments(images)
+    want = (sample_posterior(mean, logvar, jax.random.split(rng)[1]) - pipe.vae_shift) * pipe.vae_scale
+    np.testing.assert_allclose(drawn, want, atol=1e-6)
+    assert float(np.abs(np.asarray(drawn) - np.asarray(mean_latents)).max()) > 1e-3
+    np.testing.assert_array_equal(jax.random.key_data(next_rng), jax.random.key_data(jax.random.split(rng)[0]))
