@@ -143,6 +143,28 @@ def _workdir_tokenizer(path: Path, recorded: str) -> Tokenizer:
                             f"was found neither as given nor inside {path}")
 
 
+def _restore_newest(directory: Path) -> tuple[int, dict]:
+    """(step, train state) of the newest complete checkpoint that restores; older ones are tried in turn
+    when a newer one is damaged (nothing is moved: a running trainer may own the workdir)."""
+    import warnings
+
+    import orbax.checkpoint as ocp
+
+    steps = sorted(ocp.CheckpointManager(directory).all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"load_pretrained: {directory} holds no complete checkpoint yet")
+    errors = []
+    with ocp.StandardCheckpointer() as ckptr:
+        for step in steps:
+            try:
+                return step, ckptr.restore(directory / str(step) / "state")
+            except Exception as e:  # noqa: BLE001  (any read failure: try the next older step)
+                errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                warnings.warn(f"load_pretrained: checkpoint {directory / str(step)} does not restore "
+                              f"({errors[-1]}); trying an older step", stacklevel=2)
+    raise ValueError(f"load_pretrained: no checkpoint in {directory} restores ({'; '.join(errors)})")
+
+
 def _load_workdir(path: Path, runtime: Runtime, mesh, rules, components: Sequence[str]) -> PretrainedBundle:
     """The latest checkpoint of a training workdir: EMA weights when the run keeps them, else the params.
 
@@ -156,11 +178,8 @@ def _load_workdir(path: Path, runtime: Runtime, mesh, rules, components: Sequenc
     from flax.nnx import traversals
 
     info = json.loads((path / "model.json").read_text())
-    step = ocp.CheckpointManager(path / "checkpoints").latest_step()
-    if step is None:
-        raise FileNotFoundError(f"load_pretrained: {path}/checkpoints holds no complete checkpoint yet")
+    step, state = _restore_newest(path / "checkpoints")
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(path / "checkpoints" / str(step) / "state")
         frozen_dir = path / "frozen"
         frozen = ckptr.restore(frozen_dir) if frozen_dir.exists() else None
     trained = state.get("ema") or state["params"]

@@ -4,8 +4,12 @@ r"""Trains D-DiT: one jitted step for the image and text losses, sharded, checkp
   python -m dual_diffusion.train --config=configs/stage2.py --workdir=DIR --dry_run
 
 The same command runs on every host of a pod (launch/README.md). A workdir
-holding checkpoints is resumed from its latest step; SIGTERM (preemption)
-saves and exits 0. Sections: mesh, input, model, optimizer, shard, step,
+holding checkpoints is resumed from its latest step that restores (a damaged one
+is moved aside); SIGTERM (preemption) saves and exits 0. One run per workdir: a
+lease (training/lease.py) refuses a second one. A usage or config error is one
+line `error: ...` on stderr with exit status 2; a run stopped by non-finite
+losses exits 1 with one line; --verbose (or DD_VERBOSE=1) shows tracebacks and
+the absl/Orbax INFO logs. Sections: mesh, input, model, optimizer, shard, step,
 checkpoint, evals, loop.
 """
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,8 +27,14 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here (local path or gs://).")
 flags.DEFINE_bool("dry_run", False, "Build everything abstractly, print the plan and sizes, and exit.")
+flags.DEFINE_bool("force_takeover", False, "Take the workdir lease even from a run that looks alive (its "
+                  "host is unreachable, or it is known to be dead).")
+flags.DEFINE_bool("verbose", False, "Tracebacks for errors and the absl/Orbax INFO logs (also DD_VERBOSE=1).")
 flags.DEFINE_bool("dry_run_compile", False, "With --dry_run: also compile the step on abstract inputs and report "
                   "XLA's memory analysis (slow for the full model on CPU).")
+flags.DEFINE_string("topology", None, "With --dry_run: compile the step for this Cloud TPU slice (v5p-64, v4-16, "
+                    "v5e-8, v6e-8, ...) from any host with libtpu (pip install -e \".[tpu]\") and report whether it fits.")
+flags.DEFINE_bool("find_max_batch", False, "With --topology: bisect the largest global batch per half that fits.")
 
 
 class _StopFlag:
@@ -48,14 +59,102 @@ def _maybe_initialize_distributed(jax) -> None:
         jax.distributed.initialize()  # TPU pod / Slurm: JAX finds the cluster by itself
 
 
+class TrainingStopped(Exception):
+    """The run stopped itself (too many skipped updates): one line, exit status 1."""
+
+
+_LEASES = []  # the workdir lease this process holds, released when main returns or fails
+
+
+def _verbose(argv=None) -> bool:
+    if os.environ.get("DD_VERBOSE", "") not in ("", "0"):
+        return True
+    if argv is not None:
+        return "--verbose" in argv or "--verbose=true" in argv
+    return FLAGS.is_parsed() and FLAGS.verbose
+
+
+def _fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _parse_flags(argv):
+    """absl parsing with one-line errors (an unknown --config.<key>, a missing --config file, ...)."""
+    from dual_diffusion.training.config_check import config_file_error, explain_flag_error
+
+    try:
+        args = FLAGS(argv)
+    except Exception as e:  # noqa: BLE001  (every parse failure is a usage error)
+        if _verbose(argv):
+            raise
+        _fail(explain_flag_error(argv[1:], e))
+    missing = config_file_error(argv[1:])
+    if missing:
+        _fail(missing)
+    return args
+
+
+def cli(argv=None) -> None:
+    """The command: `python -m dual_diffusion.train ...` (argv: sys.argv, program name first)."""
+    app.run(run, argv=argv, flags_parser=_parse_flags)
+
+
+def _quiet_logs() -> None:
+    """absl/Orbax INFO lines off unless --verbose or an explicit --verbosity; the run's own lines stay."""
+    if FLAGS.verbose or FLAGS["verbosity"].present:
+        return
+    logging.set_verbosity(logging.WARNING)
+
+
+def _take_lease(workdir, jax):
+    """Process 0 takes the workdir lease for the run; every process learns whether it did."""
+    from dual_diffusion.training.lease import Lease, LeaseHeld
+
+    lease, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lease = Lease(workdir).acquire(force=FLAGS.force_takeover)
+        except LeaseHeld as e:
+            error = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
+            error = LeaseHeld(f"--workdir={workdir}: process 0 could not take the workdir lease (its log says why)")
+    if error is not None:
+        raise error
+    if lease is not None:
+        _LEASES.append(lease)
+    return lease
+
+
+def run(argv):
+    """main() with one-line errors: usage/config/workdir errors exit 2, a self-stopped run exits 1."""
+    from dual_diffusion.cli import UsageError
+    from dual_diffusion.training.config_check import ConfigError
+
+    try:
+        main(argv)
+    except (UsageError, TrainingStopped) as e:
+        if _verbose():
+            raise
+        message = f"invalid config: {e.one_line()}" if isinstance(e, ConfigError) else " ".join(str(e).split())
+        _fail(message, 1 if isinstance(e, TrainingStopped) else 2)
+    finally:
+        while _LEASES:
+            _LEASES.pop().release()
+
+
 def main(argv):
     del argv
     import jax
 
     from dual_diffusion import sharding
+    from dual_diffusion.cli import UsageError
     from dual_diffusion.training import checkpointing, config_check, plan_io
     from dual_diffusion.training.loss import LossConfig
-    from dual_diffusion.training.metrics import MetricsWriter, Throughput
+    from dual_diffusion.training.metrics import MetricsWriter, Throughput, console, progress_line
     from dual_diffusion.training.state import make_plan
     from dual_diffusion.training.step import make_train_step
 
@@ -63,14 +162,21 @@ def main(argv):
     signal.signal(signal.SIGTERM, stop)
     config = FLAGS.config
     if config is None:
-        raise app.UsageError("--config is required")
+        raise UsageError("--config is required (--config=configs/<name>.py[:variant])")
+    if FLAGS.topology or FLAGS.find_max_batch:  # compile for a TPU slice from this host: training/compile_report.py
+        from dual_diffusion.training import compile_report
+        _quiet_logs()
+        sys.exit(compile_report.main(config, FLAGS.topology, dry_run=FLAGS.dry_run, find_max=FLAGS.find_max_batch))
     if not FLAGS.dry_run and not FLAGS.workdir:
-        raise app.UsageError("--workdir is required (unless --dry_run)")
+        raise UsageError("--workdir is required (unless --dry_run)")
+    _quiet_logs()
     _maybe_initialize_distributed(jax)
 
-    # ---- mesh
+    # ---- mesh (every config error, data sources included, is found before the workdir is touched)
     config_check.check_config(config, jax.device_count(), dry_run=FLAGS.dry_run)
     workdir = None if FLAGS.dry_run else checkpointing.check_workdir(FLAGS.workdir)
+    lease = None if FLAGS.dry_run else _take_lease(workdir, jax)
+    guard = lease.ensure_held if lease is not None else (lambda: None)  # only the holder writes
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     logging.info("mesh %s on %d devices / %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
@@ -80,14 +186,20 @@ def main(argv):
     bundle = None
     if config.init_from and not FLAGS.dry_run:
         from dual_diffusion.pretrained import load_pretrained
-        bundle = load_pretrained(config.init_from, runtime=plan_io.runtime_of(config), mesh=mesh, rules=rules,
-                                 components=plan_io.components_of(config))
+        try:
+            bundle = load_pretrained(config.init_from, runtime=plan_io.runtime_of(config), mesh=mesh, rules=rules,
+                                     components=plan_io.components_of(config))
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise UsageError(f"cannot load config.init_from={config.init_from}: {e}") from e
         tokenizer = bundle.tokenizer
-    plan_io.resolve_vocab(config, tokenizer, bundle)
+    plan_io.resolve_vocab(config, tokenizer, bundle, dry_run=FLAGS.dry_run)
     mask_id, eos_id = plan_io.special_ids(config, tokenizer)
 
     # ---- model, optimizer, shard (abstract init; nothing is materialised yet)
     plan = make_plan(config, mesh, rules, mask_id)
+    spike_factor = float(config.train.get("loss_spike_factor", 0.0))
+    if spike_factor > 0:
+        plan = plan_io.with_loss_window(plan, int(config.train.loss_spike_window))
     loss_cfg = LossConfig.from_config(config.loss, mask_id=mask_id, null_id=eos_id)
     abstract_batch = plan_io.abstract_batch(config, mesh, rules)
     batch_shardings = jax.tree.map(lambda a: a.sharding, abstract_batch)
@@ -96,7 +208,7 @@ def main(argv):
     vae = config.model.vae
     train_step = make_train_step(plan, loss_cfg, batch_shardings, microbatches=config.train.microbatches,
                                  ema_decay=float(config.ema.decay), latent_shift=vae.shift_factor,
-                                 latent_scale=vae.scaling_factor)
+                                 latent_scale=vae.scaling_factor, loss_spike_factor=spike_factor)
     if FLAGS.dry_run:
         report = plan_io.dry_run_report(plan, train_step, abstract_batch, mesh, compile_step=FLAGS.dry_run_compile)
         print(plan_io.describe(plan, mesh, config))
@@ -107,16 +219,15 @@ def main(argv):
     data_iter = plan_io.make_data_iterator(config, tokenizer)
     checkpointing.write_workdir_json(workdir, config, plan_io.model_json(config, plan, tokenizer))
     ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
+    latest, state = ckpt.restore_latest(plan.abstract_state, data_iter)
     if latest is None:
         state, frozen = plan_io.initial_state(plan, bundle)
         if bundle is None:
             checkpointing.save_frozen(workdir, frozen)
-        logging.info("starting from scratch%s", f" (init_from={config.init_from})" if bundle else "")
+        console(f"starting from scratch{f' (init_from={config.init_from})' if bundle else ''} in {workdir}")
     else:
-        state = ckpt.restore(latest, plan.abstract_state, data_iter)
         frozen = plan_io.frozen_for_resume(plan, bundle, workdir)
-        logging.info("resumed from step %d in %s", latest, ckpt.directory)
+        console(f"resumed from step {latest} in {ckpt.directory}")
     start = int(jax.device_get(state["step"]))
 
     # ---- evals (periodic samples for fixed prompts / images)
@@ -125,60 +236,81 @@ def main(argv):
 
     # ---- loop
     writer = MetricsWriter(workdir, resume_step=start)
-    meter = Throughput()
+    meter = Throughput(start)
+    total, max_bad = int(config.train.num_steps), int(config.train.max_consecutive_nonfinite)
     samples_per_step = 2 * config.train.batch_size
-    consecutive_bad, step = 0, start
+    consecutive_bad, settled, step = 0, start, start
     pending = None  # (step, metrics on device): read one step late so the host never waits on the device
 
     def settle(pending_step, metrics):
-        nonlocal consecutive_bad
-        finite = bool(jax.device_get(metrics["finite"]))
-        consecutive_bad = 0 if finite else consecutive_bad + 1
-        if not finite:
-            logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
-                            pending_step, consecutive_bad)
-        if pending_step % config.train.log_every == 0 or pending_step == config.train.num_steps:
-            scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-            scalars["samples_per_sec"] = meter.rate(pending_step, samples_per_step)
-            row = writer.write(pending_step, scalars)
-            logging.info("step %d: %s", pending_step, {k: round(v, 5) for k, v in row.items() if k != "step"})
+        nonlocal consecutive_bad, settled
+        scalars = jax.device_get(metrics)
+        finite, spike = bool(scalars.pop("finite")), bool(scalars.pop("spike", False))
+        consecutive_bad = 0 if finite and not spike else consecutive_bad + 1
+        settled = pending_step
+        if not finite or spike:
+            why = (f"loss {float(scalars['loss']):.4g} above {spike_factor:g} x the median of the last "
+                   f"{config.train.loss_spike_window} losses" if finite else "non-finite loss or gradient")
+            console(f"warning: step {pending_step}: {why}; update skipped ({consecutive_bad} in a row)")
+        if pending_step % config.train.log_every == 0 or pending_step == total:
+            rate = meter.rate(pending_step, samples_per_step)
+            if rate is not None:
+                scalars["samples_per_sec"] = rate
+            guard()
+            console(progress_line(writer.write(pending_step, scalars), total, samples_per_step))
 
-    while step < config.train.num_steps:
+    while step < total:
         batch = plan_io.global_batch(next(data_iter), batch_shardings)
+        if step == start:
+            console(f"compiling the train step (batch {config.train.batch_size} per half)...")
+            compile_t0 = time.perf_counter()
         state, metrics = train_step(state, frozen, batch)
         step += 1
+        if step == start + 1:  # the first call compiles; later intervals exclude it
+            jax.block_until_ready(metrics)
+            console(f"compiled the train step and ran step {step} in {time.perf_counter() - compile_t0:.1f}s")
+            meter.restart(step)
         if pending is not None:
             settle(*pending)
         pending = (step, metrics)
-        if consecutive_bad >= config.train.max_consecutive_nonfinite:
-            break
-        if step % config.checkpoint.every_steps == 0 or step == config.train.num_steps:
-            ckpt.save(step, state, data_iter)
-        if config.samples.every_steps and step % config.samples.every_steps == 0:
-            sampler.write(step, state, frozen)
+        if consecutive_bad >= max_bad:
+            break  # `state` already holds one more step: it is not saved
+        save_due = step % config.checkpoint.every_steps == 0 or step == total
         preempted = jax.process_count() > 1 and ckpt.reached_preemption(step)
-        if stop.requested or preempted:
-            settle(*pending)
+        if save_due or stop.requested or preempted:
+            settle(*pending)  # a saved step's metrics row is written before its checkpoint
+            pending = None
+            if consecutive_bad >= max_bad:
+                break
+            guard()
             ckpt.save(step, state, data_iter)
+            console(f"checkpoint step {step} {'saving in the background' if ckpt.async_save else 'saved'} "
+                    f"to {ckpt.directory}")
+        if config.samples.every_steps and step % config.samples.every_steps == 0:
+            guard()
+            sampler.write(step, state, frozen)
+        if stop.requested or preempted:
             ckpt.close()
             writer.close()
-            logging.warning("stopped at step %d by SIGTERM/preemption; checkpoint saved", step)
+            console(f"stopped at step {step} by SIGTERM/preemption; checkpoint saved")
             sys.exit(0)
-    if pending is not None:
-        settle(*pending)
-    if consecutive_bad >= config.train.max_consecutive_nonfinite:
-        ckpt.save(step, state, data_iter)  # params are still the last good ones: bad updates were skipped
+    if consecutive_bad >= max_bad:
         ckpt.close()
-        raise RuntimeError(f"stopping at step {step}: {consecutive_bad} consecutive non-finite losses "
-                           f"(train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); the last "
-                           f"good state is checkpointed in {ckpt.directory}. Lower optimizer.lr or check the data.")
+        writer.close()
+        last = ckpt.latest_step()
+        good = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+                else "no checkpoint was saved before")
+        raise TrainingStopped(
+            f"stopped at step {settled}: {consecutive_bad} consecutive updates skipped (non-finite loss or "
+            f"gradient{', or loss spikes' if spike_factor > 0 else ''}; train.max_consecutive_nonfinite={max_bad}); "
+            f"this state is not saved, {good}. Lower optimizer.lr or check the data.")
     ckpt.close()
     writer.close()
     if config.eval.shapes_suite:
+        console(f"final evaluation: shapes suite, {config.eval.shapes_suite_size} items per task...")
         scores = sampler.shapes_suite(state, frozen)
         print(json.dumps({"step": step, "shapes_suite": scores}))
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli()

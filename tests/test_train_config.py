@@ -72,7 +72,7 @@ def test_missing_init_from_is_an_error():
 def test_workdir_that_is_a_file_is_an_error(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(NotADirectoryError, match="--workdir"):
+    with pytest.raises(checkpointing.WorkdirError, match="--workdir"):
         checkpointing.check_workdir(f)
 
 

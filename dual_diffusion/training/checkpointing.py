@@ -9,18 +9,29 @@ Workdir layout (what `load_pretrained(WORKDIR)` and a resumed run read):
   WORKDIR/frozen/              frozen weights (T5 minus its trained part, VAE, buffers), written once
                                when training from scratch; with init_from they come from that folder
 Orbax writes each step into a temporary folder and renames it when complete,
-so a run killed mid-save leaves no step that `latest_step` would pick up.
+so a run killed mid-save leaves no step that `latest_step` would pick up. A
+complete step that fails to restore (a damaged file) is moved aside to
+checkpoints/<step>.damaged once an older step restores (`restore_latest`).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from dual_diffusion.cli import UsageError
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+class CheckpointError(UsageError):
+    """No checkpoint of the workdir restores, or the workdir itself is unusable (reported as one line)."""
 
 
 def _grain_args(data_iter, restore: bool):
@@ -37,6 +48,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self.async_save = async_save
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         import grain
@@ -73,6 +85,48 @@ class Checkpointer:
             state.setdefault(k, None if v is None else state.get(k))
         return state
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, abstract_state: dict, data_iter=None) -> tuple[int, dict] | tuple[None, None]:
+        """(step, state) of the newest step that restores; (None, None) when there is no step.
+
+        Steps that fail while an older one restores are moved aside to <step>.damaged (with a
+        warning); when none restores nothing is moved (the cause may be the config, not the
+        files) and CheckpointError names every step and the newest one's error.
+        """
+        steps = self.all_steps()
+        if not steps:
+            return None, None
+        failed: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            try:
+                state = self.restore(step, abstract_state, data_iter)
+            except RuntimeError as e:
+                failed.append((step, str(e).splitlines()[0] if str(e) else type(e).__name__))
+                logging.warning("%s", failed[-1][1])
+                continue
+            for bad, _ in failed:
+                self._move_aside(bad)
+            if failed:
+                self.manager.reload()
+            return step, state
+        newest = failed[0][1]
+        raise CheckpointError(f"no checkpoint in {self.directory} restores (steps {[s for s, _ in failed]}); "
+                              f"newest: {newest[:400]}")
+
+    def _move_aside(self, step: int) -> None:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        k = 1
+        while dst.exists():  # an earlier damaged copy of the same step
+            dst, k = self.directory / f"{step}{DAMAGED_SUFFIX}.{k}", k + 1
+        if jax.process_index() == 0:
+            src.rename(dst)
+        logging.warning("checkpoint step %d in %s does not restore: moved aside to %s", step, self.directory, dst)
+        print(f"warning: checkpoint step {step} does not restore; moved aside to {dst}", file=sys.stderr,
+              flush=True)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -107,14 +161,26 @@ def restore_frozen(workdir: str | Path, abstract_frozen: dict) -> dict | None:
 
 # --------------------------------------------------------------------------- workdir description
 def check_workdir(workdir: str | Path) -> Path:
-    """Creates WORKDIR if needed; a path that exists and is not a directory is an error."""
+    """Creates WORKDIR if needed; a path that exists and is not a directory is an error (one line)."""
     path = Path(workdir)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"--workdir={workdir}: exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+        raise WorkdirError(f"--workdir={workdir}: exists and is not a directory")
+    for parent in path.absolute().parents:  # mkdir would fail with a bare [Errno 20]
+        if parent.exists():
+            if not parent.is_dir():
+                raise WorkdirError(f"--workdir={workdir}: {parent} is a file, not a directory")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"--workdir={workdir}: cannot create it ({e.strerror or e})") from None
     if not os.access(path, os.W_OK):
-        raise PermissionError(f"--workdir={workdir}: not writable")
+        raise WorkdirError(f"--workdir={workdir}: not writable")
     return path
+
+
+class WorkdirError(CheckpointError):
+    """A --workdir that cannot hold a run (a file, not creatable, not writable)."""
 
 
 def write_workdir_json(workdir: str | Path, config, model_json: dict[str, Any]) -> None:
@@ -128,7 +194,7 @@ def write_workdir_json(workdir: str | Path, config, model_json: dict[str, Any]) 
         old = json.loads(model_file.read_text())
         for name in ("transformer", "text_encoder", "vae", "latent_space"):
             if old.get(name) != model_json.get(name):
-                raise ValueError(f"--workdir={workdir} holds a run with a different model.{name} "
+                raise CheckpointError(f"--workdir={workdir} holds a run with a different model.{name} "
                                  f"({old.get(name)} != {model_json.get(name)}); use a new workdir")
     _atomic_write(model_file, json.dumps(model_json, indent=2, sort_keys=True))
     _atomic_write(path / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))

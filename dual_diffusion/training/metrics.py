@@ -4,16 +4,54 @@ One JSON object per logged step: step, loss, loss_image, loss_text, grad_norm,
 lr, samples_per_sec (+ nonfinite_total). TensorBoard gets the same scalars
 under train/<name> in WORKDIR/tensorboard. A resumed run appends; lines of
 steps after the resume point (from an earlier run that died before its next
-checkpoint) are dropped first, so the file reads as one uninterrupted run.
+checkpoint) are dropped first, so the file reads as one uninterrupted run, and
+a torn last line (a crash in the middle of a write) is dropped with a warning.
+
+`console` prints the run's own progress lines (stderr, process 0), which stay
+visible when absl/Orbax INFO logging is off (the default of train.py).
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import logging
+
+from dual_diffusion.cli import UsageError
+
+
+class MetricsFileError(UsageError):
+    """metrics.jsonl has an unreadable line that is not the last (not a torn write)."""
+
+
+def console(message: str) -> None:
+    """One progress line on stderr (`[HH:MM:SS] message`), from process 0 only."""
+    if jax.process_index() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def progress_line(row: dict, total: int, samples_per_step: int) -> str:
+    """`step 25/1600 (2%)  loss 0.5312 (image 0.41, text 0.12)  95.3 samples/s  ETA 8m10s`."""
+    step = row["step"]
+    parts = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:.4f} (image {row.get('loss_image', float('nan')):.4f}, "
+                     f"text {row.get('loss_text', float('nan')):.4f})")
+    rate = row.get("samples_per_sec")
+    if rate:
+        parts.append(f"{rate:.1f} samples/s")
+        parts.append(f"ETA {format_duration((total - step) * samples_per_step / rate)}")
+    return "  ".join(parts)
 
 
 def _scalar(x):
@@ -37,9 +75,25 @@ class MetricsWriter:
             self._tb = None
 
     def _truncate_after(self, step: int) -> None:
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Keeps the rows of steps <= `step` (the resumed one); drops a torn last line with a warning."""
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = []
+        for k, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if k < len(lines) - 1:
+                    raise MetricsFileError(f"{self.path}: line {k + 1} is not JSON ({e.msg}); fix or remove "
+                                           "that line") from None
+                logging.warning("%s: dropped a torn last line (a crash mid-write): %r", self.path, line[:80])
+                print(f"warning: {self.path}: dropped a torn last line (a crash mid-write)", file=sys.stderr,
+                      flush=True)
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, scalars: dict) -> dict:
         row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
@@ -68,16 +122,28 @@ class MetricsWriter:
 
 
 class Throughput:
-    """Samples per second between two log points (both halves count: 2 x batch per step)."""
+    """Samples per second between two log points (both halves count: 2 x batch per step).
 
-    def __init__(self):
-        self._t, self._step = time.perf_counter(), None
+    The clock starts at construction (`start_step`: the step the run starts from), so the
+    first interval is measured too. `restart(step)` after the compile excludes it from later
+    intervals; a row at that very step still gets the interval that includes the compile.
+    """
 
-    def rate(self, step: int, samples_per_step: int) -> float:
+    def __init__(self, start_step: int = 0):
+        self._t, self._step = time.perf_counter(), start_step
+        self._before_restart: tuple[float, int] | None = None
+
+    def restart(self, step: int) -> None:
+        self._before_restart = (self._t, self._step)
+        self._t, self._step = time.perf_counter(), step
+
+    def rate(self, step: int, samples_per_step: int) -> float | None:
+        """Samples/s since the previous call; None only when no step was run since then."""
         now = time.perf_counter()
-        if self._step is None:
-            self._t, self._step = now, step
-            return 0.0
-        rate = (step - self._step) * samples_per_step / max(now - self._t, 1e-9)
-        self._t, self._step = now, step
-        return rate
+        t0, s0 = self._t, self._step
+        if step <= s0 and self._before_restart is not None:
+            t0, s0 = self._before_restart
+        if step <= s0:
+            return None
+        self._t, self._step, self._before_restart = now, step, None
+        return (step - s0) * samples_per_step / max(now - t0, 1e-9)

@@ -4,6 +4,7 @@ Kept out of train.py so the entry point reads as its sections only.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -22,7 +23,10 @@ VOCAB_FROM_TOKENIZER = -1
 
 # --------------------------------------------------------------------------- tokenizer and vocabulary
 def get_tokenizer(config, workdir: Path | None, dry_run: bool = False):
-    """The run's tokenizer; the demo trains its own into WORKDIR/tokenizer (deterministic) on first use."""
+    """The run's tokenizer; the demo trains its own into WORKDIR/tokenizer (deterministic) on first use.
+
+    Multi-host: process 0 trains it, the others wait at a barrier before opening the file.
+    """
     from dual_diffusion.tokenizer import Tokenizer, train_sentencepiece
 
     if config.init_from:
@@ -37,12 +41,19 @@ def get_tokenizer(config, workdir: Path | None, dry_run: bool = False):
                 train_sentencepiece(shapes_captions_corpus(config.seed, 2000), workdir / "tokenizer" / "spiece",
                                     config.tokenizer.train_vocab_size,
                                     model_type=config.tokenizer.get("train_model_type", "unigram"))
+        if jax.process_count() > 1:  # every process reaches this (same files on a shared workdir)
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("dual_diffusion:tokenizer_written")
         return Tokenizer(model_file)
     return None if dry_run else Tokenizer(config.tokenizer.model_file)
 
 
-def resolve_vocab(config, tokenizer, bundle) -> None:
-    """Fills vocab sizes of -1 from the tokenizer, and the architectures from a converted checkpoint."""
+def resolve_vocab(config, tokenizer, bundle, dry_run: bool = False) -> None:
+    """Fills vocab sizes of -1 from the tokenizer, and the architectures from a converted checkpoint.
+
+    A dry run has no tokenizer: a trained one (tokenizer.train_corpus) is sized by
+    tokenizer.train_vocab_size (the SentencePiece target; the real count can be a little lower).
+    """
     with config.unlocked():
         if bundle is not None:
             for name, cfg in bundle.configs.items():
@@ -50,9 +61,12 @@ def resolve_vocab(config, tokenizer, bundle) -> None:
                 config.model[name].update(arch)
         for key in ("transformer", "text_encoder"):
             if config.model[key].vocab_size == VOCAB_FROM_TOKENIZER:
-                if tokenizer is None:
+                if tokenizer is not None:
+                    config.model[key].vocab_size = len(tokenizer)
+                elif dry_run and config.tokenizer.train_corpus:
+                    config.model[key].vocab_size = int(config.tokenizer.train_vocab_size)
+                else:
                     raise ValueError(f"config.model.{key}.vocab_size=-1 needs a tokenizer (none loaded)")
-                config.model[key].vocab_size = len(tokenizer)
 
 
 def special_ids(config, tokenizer) -> tuple[int, int]:
@@ -102,6 +116,25 @@ def make_data_iterator(config, tokenizer):
 
 
 # --------------------------------------------------------------------------- state
+def with_loss_window(plan: Plan, window: int) -> Plan:
+    """The plan with `loss_window` (float32 (window,), NaN = empty, replicated) in the train state:
+    the loss-spike guard's memory (step.train_step). Only runs with the guard carry it, so
+    checkpoints of runs without it keep their layout."""
+    replicated = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec())
+    empty = lambda: jnp.full((window,), jnp.nan, jnp.float32)
+    base_init, base_fresh = plan.init_fn, plan.fresh_state
+
+    def init_fn():
+        state, frozen = base_init()
+        return dict(state, loss_window=jax.device_put(empty(), replicated)), frozen
+
+    return dataclasses.replace(
+        plan, init_fn=init_fn, fresh_state=lambda params: dict(base_fresh(params), loss_window=empty()),
+        abstract_state=dict(plan.abstract_state, loss_window=jax.ShapeDtypeStruct((window,), jnp.float32,
+                                                                                  sharding=replicated)),
+        state_shardings=dict(plan.state_shardings, loss_window=replicated))
+
+
 def initial_state(plan: Plan, bundle) -> tuple[dict, dict]:
     """From scratch (plan.init_fn) or from a converted checkpoint (weights already sharded by load_pretrained)."""
     if bundle is None:

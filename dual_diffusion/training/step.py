@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dual_diffusion.sharding import activation_sharding
 from dual_diffusion.training.loss import LossConfig, Networks, combine, corrupt, latent_shape, per_example_losses
 from dual_diffusion.training.state import Plan, apply_mask, update_mask
 
@@ -89,7 +90,11 @@ def loss_and_grads(plan: Plan, loss_cfg: LossConfig, params, frozen, batch, rng,
 
 
 def train_step(state: dict, frozen: dict, batch: dict, *, plan: Plan, loss_cfg: LossConfig, microbatches: int,
-               ema_decay: float, latent_shift: float = 0.0, latent_scale: float = 1.0) -> tuple[dict, dict]:
+               ema_decay: float, latent_shift: float = 0.0, latent_scale: float = 1.0,
+               loss_spike_factor: float = 0.0) -> tuple[dict, dict]:
+    """One update. With `state["loss_window"]` (the last W applied losses, NaN until filled; present
+    only when train.loss_spike_factor > 0), a loss above loss_spike_factor x their median once the
+    window is full is skipped like a non-finite one, and does not enter the window."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     params = state["params"]
     metrics, grads = loss_and_grads(plan, loss_cfg, params, frozen, batch, rng, microbatches,
@@ -101,7 +106,12 @@ def train_step(state: dict, frozen: dict, batch: dict, *, plan: Plan, loss_cfg: 
     updates = apply_mask(updates, mask)  # weight decay must not move frozen rows either
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    applied = finite
+    if "loss_window" in state:  # the optional loss-spike guard
+        window = state["loss_window"]
+        spike = jnp.all(jnp.isfinite(window)) & (metrics["loss"] > loss_spike_factor * jnp.median(window))
+        applied = finite & ~spike
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
 
     new = dict(state)
     new["step"] = state["step"] + 1
@@ -114,14 +124,23 @@ def train_step(state: dict, frozen: dict, batch: dict, *, plan: Plan, loss_cfg: 
     lr = plan.schedule(state["step"])  # the rate this step used (skipped steps included)
     out = dict(metrics, grad_norm=grad_norm, lr=jnp.asarray(lr, jnp.float32), finite=finite,
                nonfinite_total=new["nonfinite"])
+    if "loss_window" in state:
+        rolled = jnp.roll(window, -1).at[-1].set(metrics["loss"].astype(window.dtype))
+        new["loss_window"] = jnp.where(applied, rolled, window)
+        out["spike"] = spike
     return new, out
 
 
 def make_train_step(plan: Plan, loss_cfg: LossConfig, batch_shardings: Any, *, microbatches: int = 1,
-                    ema_decay: float = 0.0, latent_shift: float = 0.0, latent_scale: float = 1.0):
+                    ema_decay: float = 0.0, latent_shift: float = 0.0, latent_scale: float = 1.0,
+                    loss_spike_factor: float = 0.0):
     """The jitted step(state, frozen, batch) -> (state, metrics); `state` is donated."""
-    fn = lambda state, frozen, batch: train_step(
-        state, frozen, batch, plan=plan, loss_cfg=loss_cfg, microbatches=microbatches, ema_decay=ema_decay,
-        latent_shift=latent_shift, latent_scale=latent_scale)
+    def fn(state, frozen, batch):
+        # Traced under the plan's mesh: activations are pinned batch-sharded and kernels target its platform.
+        with activation_sharding(plan.mesh, plan.rules):
+            return train_step(state, frozen, batch, plan=plan, loss_cfg=loss_cfg, microbatches=microbatches,
+                              ema_decay=ema_decay, latent_shift=latent_shift, latent_scale=latent_scale,
+                              loss_spike_factor=loss_spike_factor)
+
     return jax.jit(fn, in_shardings=(plan.state_shardings, plan.frozen_shardings, batch_shardings),
                    out_shardings=(plan.state_shardings, None), donate_argnums=(0,))
