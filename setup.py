@@ -36,5 +36,8 @@ setup(
             "protobuf>=4",
         ],
         "eval": ["pycocoevalcap>=1.2"],
+        # libtpu for compiling the train step for a TPU slice from any host (train --dry_run --topology=...)
+        # and for running on TPU VMs; libtpu must match jax, so this pins both (jax 0.10.2 -> libtpu 0.0.42.1).
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

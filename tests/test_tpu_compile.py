@@ -1,0 +1,232 @@
+"""Compiling for a TPU slice from this host (training/topology.py, compile_report.py, hlo_collectives.py).
+
+Tests marked `tpu` need libtpu (`pip install -e ".[tpu]"`); without it they skip, unless
+DD_REQUIRE_LIBTPU=1 (CI), where they fail.
+"""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dual_diffusion import flops
+from dual_diffusion.models.configs import MMDiTConfig, T5Config
+from dual_diffusion.training import compile_report, topology
+from dual_diffusion.training.hlo_collectives import collective_bytes, count_pallas_kernels, shape_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1024 ** 3
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+    if importlib.util.find_spec("libtpu") is None:
+        if os.environ.get("DD_REQUIRE_LIBTPU") == "1":
+            pytest.fail("libtpu is not installed but DD_REQUIRE_LIBTPU=1: pip install -e '.[tpu]'")
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]' to compile for TPU topologies)")
+
+
+# --------------------------------------------------------------------------- slice names
+EXPECTED = {"v5p-8": ("v5:2x2x1", 4), "v5p-64": ("v5:2x4x4", 32), "v5p-512": ("v5:4x8x8", 256),
+            "v4-8": ("v4:2x2x1", 4), "v4-16": ("v4:2x2x2", 8), "v5e-8": ("v5e:2x4", 8),
+            "v5litepod-16": ("v5e:4x4", 16), "v6e-8": ("v6e:2x4", 8), "v6e-256": ("v6e:16x16", 256)}
+
+
+def test_cloud_names_map_to_libtpu_topologies():
+    for name, (libtpu_name, chips) in EXPECTED.items():
+        info = topology.slice_info(name)
+        assert (info.topology, info.num_chips) == (libtpu_name, chips), name
+    assert topology.slice_info("v5p-8").chip.hbm_bytes == 95 * GiB
+    assert topology.slice_info("v4-8").chip.chip_config == "megacore"
+
+
+@pytest.mark.parametrize("name", ["v5p-7", "v5p-9", "v7-8", "v5e-3", "tpu", "v4-8x"])
+def test_unknown_slice_name_lists_valid_ones(name):
+    with pytest.raises(topology.TopologyError, match=r"unknown TPU slice .*expected one of: v4-8, v4-16"):
+        topology.slice_info(name)
+
+
+def test_missing_libtpu_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(topology.TopologyError, match=r'libtpu, which is not installed: pip install -e "\.\[tpu\]"'):
+        topology.topology_devices("v5e-8")
+
+
+def test_every_listed_slice_gives_its_devices(libtpu):
+    kinds = {"v4": "TPU v4", "v5p": "TPU v5", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}
+    for name in topology.valid_names():
+        info = topology.slice_info(name)
+        devices = topology.topology_devices(name)
+        assert len(devices) == info.num_chips, name
+        assert {d.device_kind for d in devices} == {kinds[info.chip.generation]}, name
+
+
+# --------------------------------------------------------------------------- HLO collectives
+def test_hlo_text_shapes_groups_and_kernels():
+    assert shape_bytes("bf16[8,128]{1,0:T(8,128)(2,1)S(1)}") == 2048
+    assert shape_bytes("(f32[4]{0}, s8[3,2]{1,0}, pred[])") == 16 + 6 + 1
+    hlo = """HloModule m
+
+ENTRY %main (p: f32[16]) -> f32[64] {
+  %p = f32[16]{0} parameter(0)
+  %k = f32[16]{0} custom-call(%p), custom_call_target="tpu_custom_call", backend_config={"meta":"{\"a\": 1,
+}}, metadata={op_name="pallas_call"}
+  %ag = f32[64]{0} all-gather(%k), replica_groups=[2,4]<=[8], dimensions={0}
+  %rs = f32[4]{0} reduce-scatter(%ag), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}
+  %ar = f32[64]{0} all-reduce(%ag), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  ROOT %cp = f32[64]{0} collective-permute(%ar), source_target_pairs={{0,1},{1,0}}
+}
+"""
+    c = collective_bytes(hlo, 8)  # a kernel's backend_config may hold a newline: the computation goes on
+    assert count_pallas_kernels(hlo) == 1
+    assert (c["all-gather"]["bytes"], c["all-gather"]["wire_bytes"]) == (256, 192)  # group of 4
+    assert (c["reduce-scatter"]["bytes"], c["reduce-scatter"]["wire_bytes"]) == (32, 16)  # group of 2
+    assert (c["all-reduce"]["bytes"], c["all-reduce"]["wire_bytes"]) == (256, 448)  # 2 x 7/8
+    assert c["collective-permute"]["bytes"] == c["collective-permute"]["wire_bytes"] == 256
+    assert c["total_bytes"] == 256 + 32 + 256 + 256
+
+
+def _scanned_gather(devices, outer=3, inner=5, rows=8, width=128):
+    """Compiled HLO of an all-gather inside a scan of `inner` inside a scan of `outer`, and its bytes per run."""
+    n = len(devices)
+    mesh = Mesh(np.array(devices), ("x",))
+
+    def local(xs_OxIxRxW):
+        def step(c, x):
+            g = jax.lax.all_gather(c + x, "x", tiled=True)  # (n * rows, width): depends on the carry
+            return c + jnp.tanh(g[::n] + g[1::n]), None
+
+        def outer_step(c, xs):
+            return jax.lax.scan(step, c, xs)[0], None
+
+        return jax.lax.scan(outer_step, xs_OxIxRxW[0, 0] * 0, xs_OxIxRxW)[0]
+
+    spec = P(None, None, "x")
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=P("x")))
+    x = jax.ShapeDtypeStruct((outer, inner, n * rows, width), jnp.float32, sharding=NamedSharding(mesh, spec))
+    return fn.lower(x).compile().as_text(), outer * inner * n * rows * width * 4
+
+
+def test_collective_bytes_multiply_nested_scan_trip_counts():
+    hlo, expected = _scanned_gather(jax.devices()[:8])
+    assert hlo.count(" while(") == 2
+    gather = collective_bytes(hlo, 8)["all-gather"]
+    assert (gather["ops"], gather["bytes"]) == (15, expected)
+    assert gather["wire_bytes"] == expected * 7 // 8
+    # Without XLA's known_trip_count (TPU programs carry none) the count comes from the loop condition.
+    stripped = re.sub(r'"known_trip_count":\{"n":"\d+"\}', "", hlo)
+    assert collective_bytes(stripped, 8)["all-gather"]["bytes"] == expected
+
+
+def test_collective_bytes_on_a_tpu_program(libtpu):
+    hlo, expected = _scanned_gather(topology.topology_devices("v5e-8"))
+    c = collective_bytes(hlo, 8)
+    assert (c["all-gather"]["ops"], c["all-gather"]["bytes"], c["unknown_trip_counts"]) == (15, expected, 0)
+
+
+# --------------------------------------------------------------------------- the demo's train step on v5e-8
+def _small_demo(**overrides):
+    """configs/demo.py shrunk to compile in seconds (2 MM-DiT layers, 1 T5 layer), attention chosen by the mesh."""
+    from configs import demo
+
+    c = demo.get_config()
+    c.model.transformer.num_layers = 2
+    c.model.text_encoder.num_layers = 1
+    c.train.batch_size = 16
+    c.model.transformer.vocab_size = c.model.text_encoder.vocab_size = 512  # no tokenizer is trained here
+    c.runtime.attention_impl = "auto"
+    for key, value in overrides.items():
+        node, *path = key.split(".")
+        target = c[node]
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def demo_report(libtpu):
+    devices = topology.topology_devices("v5e-8")
+    return compile_report.compile_for_devices(_small_demo(), devices, topology.slice_info("v5e-8"))
+
+
+def test_demo_compile_report(demo_report):
+    r = demo_report
+    assert (r["topology"], r["libtpu_topology"], r["chips"], r["device_kind"]) == ("v5e-8", "v5e:2x4", 8,
+                                                                                 "TPU v5 lite")
+    x = r["xla_memory"]
+    assert x["peak_source"] == "peak_memory_in_bytes"
+    assert x["argument"] > 0 and x["temp"] > 0 and x["peak"] >= x["temp"]
+    assert r["hbm_usable_bytes"] == int(15.75 * GiB) and r["headroom_bytes"] == r["hbm_usable_bytes"] - x["peak"]
+    b = r["bytes_per_device"]
+    # data parallel (mesh data=8): every chip holds all params, their Adam moments and the EMA
+    assert b["params"] > 0 and b["optimizer"] >= 2 * b["params"] and b["ema"] == b["params"]
+    assert x["argument"] >= b["params"] + b["optimizer"] + b["ema"]
+    # the gradients (float32, like the params) are all-reduced over the 8 chips once per step
+    coll = r["collectives"]
+    assert coll["all-reduce"]["bytes"] >= b["params"] and coll["unknown_trip_counts"] == 0
+    assert r["ici_seconds"] == pytest.approx(coll["total_wire_bytes"] / 2.0e11)
+    c = _small_demo()
+    total = flops.train_step(MMDiTConfig.from_dict(c.model.transformer.to_dict()),
+                             T5Config.from_dict(c.model.text_encoder.to_dict()), 16, 32, 32)  # pixel space: side 32
+    assert r["analytic_flops_per_chip"] == total // 8
+    assert r["compile_seconds"] > 0
+    assert r["batch_unit"] == 8 and r["batch_size"] == 16
+    lines = compile_report.describe(r).splitlines()
+    assert lines[0].startswith("compiled for v5e-8 (8 x TPU v5 lite, libtpu v5e:2x4)")
+
+
+def test_demo_compile_has_pallas_kernels(demo_report):
+    """On a TPU mesh the MM-DiT's attention is Pallas splash attention (issue 11, item 2)."""
+    assert demo_report["pallas_kernels"] > 0
+
+
+def test_oversized_batch_is_one_line_error_from_the_command_line(libtpu):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    r = subprocess.run([sys.executable, "-m", "dual_diffusion.train", "--config=configs/demo.py", "--dry_run",
+                        "--topology=v5e-8", "--config.train.batch_size=262144",
+                        "--config.model.transformer.num_layers=2", "--config.model.text_encoder.num_layers=1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    err = r.stderr.strip()
+    assert re.match(r"error: does not fit v5e-8: needs [\d.]+ GiB of 15\.75 GiB per chip \(\+[\d.]+ GiB\); ", err)
+    assert "--config.train.batch_size (now 262144)" in err and "--config.train.microbatches (now 1)" in err
+
+
+# --------------------------------------------------------------------------- command line, no compile
+def test_command_line_errors_are_one_line(capsys):
+    config = _small_demo()
+    assert compile_report.main(config, "v5p-7", dry_run=True) == 2
+    assert compile_report.main(config, "v5e-8", dry_run=False) == 2
+    assert compile_report.main(config, None, dry_run=True, find_max=True) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert "unknown TPU slice 'v5p-7'" in err[0] and "add --dry_run" in err[1] and "--topology" in err[2]
+
+
+def test_find_max_batch_bisects_multiples_of_the_batch_shards(monkeypatch):
+    """Doubling then bisection over multiples of data*fsdp x microbatches (8 x 2), against a fake fit limit."""
+    info = topology.slice_info("v5e-8")
+    devices = jax.devices()[:8]
+    config = _small_demo(**{"train.microbatches": 2, "train.batch_size": 32})
+
+    def fake_compile(c, limit):
+        if c.train.batch_size > limit:
+            raise compile_report.DoesNotFit(c.train.batch_size * 10, 100, "fake")
+        return {"xla_memory": {"peak": c.train.batch_size}}
+
+    for limit, expected in [(200, 192), (16, 16), (31, 16), (33, 32), (1000, 992), (8, None)]:
+        monkeypatch.setattr(compile_report, "compile_for_devices", lambda c, d, i, limit=limit: fake_compile(c, limit))
+        best, tries = compile_report.find_max_batch(config, devices, info, log=lambda s: None)
+        assert best == expected, limit
+        assert all(t["batch_size"] % 16 == 0 for t in tries)
+        fits = {t["batch_size"]: t["fits"] for t in tries}
+        assert expected is None or (fits[expected] and not fits.get(expected + 16, False)), limit
