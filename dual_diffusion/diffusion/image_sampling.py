@@ -1,8 +1,9 @@
 """Image sampling: integrate the rectified-flow ODE dx/ds = v(x, s) from s = 1 (noise) to 0.
 
 REFERENCE.md, Inference (and Errata): Euler, 28 steps, SD3 shift 3.0, CFG 7.0 against
-the empty prompt, on the noise levels of diffusers' FlowMatchEulerDiscreteScheduler. Everything here is traceable: the step loop is one `lax.fori_loop`, so the
-caller jits the whole sampler once, e.g.
+the empty prompt, on the noise levels of diffusers' FlowMatchEulerDiscreteScheduler.
+Everything here is traceable: the step loop is one `lax.fori_loop`, so the caller jits
+the whole sampler once, e.g.
 
     @jax.jit
     def generate(state, noise, cond, uncond):
