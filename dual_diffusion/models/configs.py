@@ -47,7 +47,7 @@ class Runtime(_Config):
       largest such block dividing the padded sequence is used).
     scan_layers: run identical consecutive layers with one `jax.lax.scan` (fast
       compiles at 24+ layers). Parameters are stored per layer either way.
-    remat_policy: "none" | "full" | "dots" | "dots_no_batch" (jax.checkpoint policy per layer).
+    remat_policy: "none" | "full" | "dots" | "dots_no_batch" | "dots_offload" (models/layers.py).
     """
 
     dtype: str = "float32"

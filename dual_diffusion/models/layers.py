@@ -98,10 +98,13 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 # Runtime.remat_policy -> what a rematerialised layer saves for the backward pass.
+# Under scan_layers the scan keeps each layer's input either way, so "full" saves only the block inputs.
 REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer
+    "full": None,  # save nothing inside a layer: recompute it in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # The same saved matmul outputs, kept in host memory between the passes (TPU/GPU; HBM for PCIe traffic).
+    "dots_offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 

@@ -199,7 +199,7 @@ class MMDiT(nnx.Module):
             (x, c), _ = jax.lax.scan(body, (x, c), stacked)
         return x, c
 
-    def __call__(self, latents, text_hidden, timestep):
+    def __call__(self, latents, text_hidden, timestep, *, image_rows=None, text_rows=None):
         """Velocity and text logits.
 
         Args:
@@ -207,9 +207,12 @@ class MMDiT(nnx.Module):
             (the learned null image tokens stand in for the image).
           text_hidden: (B, L, joint_attention_dim) text encoder states.
           timestep: (B,) on the 0..1000 scale.
+          image_rows, text_rows: optional functions (B, ...) -> (B', ...) picking the rows whose velocity /
+            logits are wanted: the fused loss runs each head on its own half only (no 32100-wide logits
+            for the text-to-image rows).
         Returns:
-          velocity (B, H, W, out_channels) float32, or None without latents;
-          logits (B, L, vocab_size) float32.
+          velocity (B', H, W, out_channels) float32, or None without latents;
+          logits (B', L, vocab_size) float32.
         """
         b = text_hidden.shape[0]
         if latents is not None:
@@ -228,13 +231,16 @@ class MMDiT(nnx.Module):
 
         velocity = None
         if latents is not None:
-            scale, shift = jnp.split(self.image_out_mod(jax.nn.silu(temb)), 2, axis=-1)
+            pick = image_rows or (lambda rows: rows)
+            x, temb_x = pick(x), pick(temb)
+            scale, shift = jnp.split(self.image_out_mod(jax.nn.silu(temb_x)), 2, axis=-1)
             patches = self.image_out_proj(_modulate(layer_norm(x), shift, scale), out_dtype=jnp.float32)
             _, hh, ww, _ = latents.shape
             p, oc = self.cfg.patch_size, self.cfg.out_channels
-            h, w = hh // p, ww // p
+            h, w, b = hh // p, ww // p, x.shape[0]
             velocity = patches.reshape(b, h, w, p, p, oc).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, oc)
             velocity = constrain(velocity, ("batch", None, None, None))
+        c = text_rows(c) if text_rows is not None else c
         logits = constrain(self.text_out_proj(layer_norm(c), out_dtype=jnp.float32), ("batch", "seq", "vocab"))
         return velocity, logits
 
