@@ -17,7 +17,11 @@ def _nets(seed=0):
     w_img = jax.random.normal(k[1], (3 + D, 3)) * 0.1
     w_txt = jax.random.normal(k[2], (D + 3, VOCAB))
 
-    def denoise(latents, hidden, timestep):
+    def denoise(latents, hidden, timestep, image_rows=None, text_rows=None):
+        velocity, logits = _denoise(latents, hidden, timestep)
+        return (image_rows or (lambda x: x))(velocity), (text_rows or (lambda x: x))(logits)
+
+    def _denoise(latents, hidden, timestep):
         pooled_text = hidden.mean(axis=1)[:, None, None, :]
         feat = jnp.concatenate([latents, jnp.broadcast_to(pooled_text, latents.shape[:3] + (D,))], -1)
         velocity = feat @ w_img + timestep[:, None, None, None] / 1000.0
@@ -38,6 +42,25 @@ def test_fused_pass_equals_two_passes():
     split = dual_loss(nets, batch, rng, LossConfig(MASK_ID, EOS_ID, fused=False))[1]
     for k in fused:
         np.testing.assert_allclose(float(fused[k]), float(split[k]), rtol=1e-6, err_msg=k)
+
+
+def test_caption_pass_without_gradient_keeps_the_mask_row_gradient_exact():
+    """With only T5's mask row training, the captions' T5 pass runs without a backward: captions hold no mask
+    token, so the mask row's gradient is unchanged to the bit, while other rows (which do not train) differ."""
+    base, batch, rng = _nets(), _batch(), jax.random.key(4)
+    assert not (np.asarray(batch["t2i"]["text_ids"]) == MASK_ID).any()
+    emb = jax.random.normal(jax.random.key(5), (VOCAB, D))
+
+    def grad(stop_caption):
+        def loss(e):
+            nets = Networks(encode_text=lambda ids: e[ids], encode_image=base.encode_image, denoise=base.denoise,
+                            encode_caption=(lambda ids: jax.lax.stop_gradient(e[ids])) if stop_caption else None)
+            return dual_loss(nets, batch, rng, LossConfig(MASK_ID, EOS_ID))[0]
+        return np.asarray(jax.grad(loss)(emb))
+
+    full, cheap = grad(False), grad(True)
+    np.testing.assert_array_equal(cheap[MASK_ID], full[MASK_ID])
+    assert np.abs(full[MASK_ID]).sum() > 0 and np.abs(cheap - full).max() > 1e-4
 
 
 def test_loss_is_image_plus_lambda_text():

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dual_diffusion.diffusion import flow, masked
+from dual_diffusion.sharding import constrain
 
 
 LATENT_SAMPLING = ("sample", "mean")
@@ -73,6 +74,9 @@ class Networks:
     encode_image: Callable
     denoise: Callable
     encode_posterior: Callable | None = None
+    # T5 for the text-to-image captions; a stop-gradient copy when only the mask row trains (captions hold
+    # no mask token, so their gradient is exactly zero and the backward through T5 is skipped for them).
+    encode_caption: Callable | None = None
 
 
 def corrupt(batch: dict, rng: jax.Array, cfg: LossConfig, latent_shape: tuple) -> dict:
@@ -113,12 +117,13 @@ def per_example_losses(nets: Networks, batch: dict, noised: dict, cfg: LossConfi
     s_B, noise = noised["s_B"], noised["noise"].astype(x0.dtype)
     x_s = flow.add_noise(x0, noise, s_B)
     timesteps = (flow.timestep_for_network(s_B), jnp.zeros((B,), jnp.float32))
+    encode_caption = nets.encode_caption or nets.encode_text
     if cfg.fused:
-        hidden = nets.encode_text(jnp.concatenate([noised["caption_ids"], noised["noisy_ids"]]))
-        velocity, logits = nets.denoise(jnp.concatenate([x_s, clean]), hidden, jnp.concatenate(timesteps))
-        velocity, logits = velocity[:B], logits[B:]
+        hidden = interleave(encode_caption(noised["caption_ids"]), nets.encode_text(noised["noisy_ids"]))
+        velocity, logits = nets.denoise(interleave(x_s, clean), hidden, interleave(*timesteps),
+                                        image_rows=lambda x: half(x, 0), text_rows=lambda x: half(x, 1))
     else:
-        velocity, _ = nets.denoise(x_s, nets.encode_text(noised["caption_ids"]), timesteps[0])
+        velocity, _ = nets.denoise(x_s, encode_caption(noised["caption_ids"]), timesteps[0])
         _, logits = nets.denoise(clean, nets.encode_text(noised["noisy_ids"]), timesteps[1])
     loss_image_B = flow.flow_loss(velocity, x0, noise, s_B, x_s, form=cfg.image_form)
     loss_text_B = masked.masked_diffusion_loss(
@@ -162,8 +167,24 @@ def encode_image_halves(nets: Networks, t2i_images, i2t_images, fused: bool, noi
     noise: (t2i, i2t) posterior noise from `corrupt`, or (None, None) for the posterior mean.
     """
     if fused:
-        both_noise = None if noise[0] is None else jnp.concatenate(noise)
-        both = jax.lax.stop_gradient(encode_image(nets, jnp.concatenate([t2i_images, i2t_images]), both_noise))
-        return both[: t2i_images.shape[0]], both[t2i_images.shape[0]:]
+        both_noise = None if noise[0] is None else interleave(*noise)
+        both = jax.lax.stop_gradient(encode_image(nets, interleave(t2i_images, i2t_images), both_noise))
+        return half(both, 0), half(both, 1)
     return (jax.lax.stop_gradient(encode_image(nets, t2i_images, noise[0])),
             jax.lax.stop_gradient(encode_image(nets, i2t_images, noise[1])))
+
+
+def interleave(a_BxN: jax.Array, b_BxN: jax.Array) -> jax.Array:
+    """(B, ...) twice -> (2B, ...) as rows a0, b0, a1, b1, ...: the fused batch of both halves.
+
+    Every device keeps its own rows of both halves (a concatenation would move half of each device's
+    rows to other devices), and the result stays pinned batch-sharded.
+    """
+    both = jnp.stack([a_BxN, b_BxN], axis=1).reshape((2 * a_BxN.shape[0],) + a_BxN.shape[1:])
+    return constrain(both, ("batch",) + (None,) * (both.ndim - 1))
+
+
+def half(x_2BxN: jax.Array, k: int) -> jax.Array:
+    """Rows of half k (0: text-to-image, 1: image-to-text) of an `interleave`d batch: (2B, ...) -> (B, ...)."""
+    return constrain(x_2BxN.reshape((x_2BxN.shape[0] // 2, 2) + x_2BxN.shape[1:])[:, k],
+                     ("batch",) + (None,) * (x_2BxN.ndim - 1))

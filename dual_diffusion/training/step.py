@@ -33,9 +33,11 @@ def make_networks(plan: Plan, params: dict, frozen: dict, latent_shift: float, l
     transformer = plan.split.merge("transformer", params, frozen)
     text_encoder = plan.split.merge("text_encoder", params, frozen)
     encode_text = text_encoder if "text_encoder" in params else _frozen(text_encoder)
+    # Only the mask row trains: the captions (no mask token) need T5's forward pass only.
+    encode_caption = _frozen(text_encoder) if plan.split.embed_path is not None else encode_text
     if "vae" not in plan.split.graphdefs:  # pixel space (demo): the [-1, 1] image is the latent
         return Networks(encode_text=encode_text, encode_image=lambda images: images.astype(jnp.float32),
-                        denoise=transformer)
+                        denoise=transformer, encode_caption=encode_caption)
     vae = plan.split.merge("vae", params, frozen)
 
     def encode_posterior(images):
@@ -44,7 +46,7 @@ def make_networks(plan: Plan, params: dict, frozen: dict, latent_shift: float, l
         return (mean - latent_shift) * latent_scale, jnp.exp(0.5 * logvar) * latent_scale
 
     return Networks(encode_text=encode_text, encode_image=lambda images: encode_posterior(images)[0],
-                    denoise=transformer, encode_posterior=encode_posterior)
+                    denoise=transformer, encode_posterior=encode_posterior, encode_caption=encode_caption)
 
 
 def _frozen(module):
