@@ -4,6 +4,7 @@ Tests marked `tpu` need libtpu (`pip install -e ".[tpu]"`); without it they skip
 DD_REQUIRE_LIBTPU=1 (CI), where they fail.
 """
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -230,3 +231,21 @@ def test_find_max_batch_bisects_multiples_of_the_batch_shards(monkeypatch):
         assert all(t["batch_size"] % 16 == 0 for t in tries)
         fits = {t["batch_size"]: t["fits"] for t in tries}
         assert expected is None or (fits[expected] and not fits.get(expected + 16, False)), limit
+
+
+def test_find_max_batch_command_prints_each_try_and_the_answer(monkeypatch, capsys):
+    monkeypatch.setattr(compile_report, "topology_devices", lambda name: jax.devices()[:8])
+
+    def fake_compile(c, devices, info):  # 1 GiB per pair; up to 100 pairs fit
+        if c.train.batch_size > 100:
+            raise compile_report.DoesNotFit(c.train.batch_size * GiB, 100 * GiB, "fake")
+        return {"xla_memory": {"peak": c.train.batch_size * GiB}}
+
+    monkeypatch.setattr(compile_report, "compile_for_devices", fake_compile)
+    assert compile_report.main(_small_demo(), "v5e-8", dry_run=True, find_max=True) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[:4] == ["batch 16: fits, peak 16.00 GiB", "batch 32: fits, peak 32.00 GiB",
+                       "batch 64: fits, peak 64.00 GiB", "batch 128: does not fit (needs 128.00 GiB)"]
+    assert out[-2] == "largest global batch per half that fits v5e-8: 96 (12 per chip)"
+    result = json.loads(out[-1])
+    assert (result["max_batch_size"], result["per_chip"], len(result["tries"])) == (96, 12, len(out) - 2)

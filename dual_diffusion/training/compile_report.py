@@ -274,13 +274,14 @@ def main(config, topology: str | None, *, dry_run: bool, find_max: bool = False)
         info = slice_info(topology)
         devices = topology_devices(topology)
         if find_max:
-            best, tries = find_max_batch(config, devices, info)
+            best, tries = find_max_batch(config, devices, info, log=lambda line: print(line, flush=True))
             if best is None:
                 return fail(f"no batch fits {topology}: even {tries[-1]['batch_size']} per half needs "
                             f"{_size(tries[-1]['needed_bytes'])} of {_size(info.chip.hbm_usable_bytes)} per chip; "
                             f"raise --config.train.microbatches or set --config.runtime.remat_policy=full")
-            print(f"largest global batch per half that fits {topology}: {best}")
-            print(json.dumps({"topology": topology, "max_batch_size": best, "tries": tries}))
+            print(f"largest global batch per half that fits {topology}: {best} ({best / len(devices):g} per chip)")
+            print(json.dumps({"topology": topology, "max_batch_size": best, "per_chip": best / len(devices),
+                              "tries": tries}))
             return 0
         report = compile_for_devices(config, devices, info)
     except DoesNotFit as e:
