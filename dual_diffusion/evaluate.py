@@ -158,11 +158,16 @@ def resolve_settings(args) -> dict:
         from dual_diffusion.eval_suites import training_suite_settings
 
         config = preset_config(args.preset, args.checkpoint)
-        suite = training_suite_settings(config)
+        try:
+            suite = training_suite_settings(config)
+            sizes = dict(dtype=config["runtime"]["dtype"], text_length=int(config["data"]["text_length"]),
+                         image_size=int(config["data"]["image_size"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--preset={args.preset}: the config of {args.checkpoint} lacks or mangles "
+                             f"{e}; expected a training config (samples, eval, loss, data, runtime)") from None
         out.update({k: suite[k] for k in ("batch_size", "seed", "per_category", "num_captions", "num_vqa")},
                    image_opts=suite["image_opts"], caption_opts=suite["text_opts"], vqa_opts=suite["text_opts"],
-                   dtype=config["runtime"]["dtype"], text_length=int(config["data"]["text_length"]),
-                   image_size=int(config["data"]["image_size"]))
+                   **sizes)
     if args.release_decoding:
         fields = {TEXT_FLAGS[k]: v for k, v in RELEASE_TEXT.items()}
         out.update(caption_opts=TextOptions(steps=TEXT_STEPS["caption"], **fields),

@@ -195,9 +195,12 @@ def test_cli_missing_checkpoint_and_unknown_suite(tmp_path):
     (["--suite=geneval", "--prompts", "{tmp}/q.json"], "needs --out_dir"),
     (["--suite=shapes", "--batch_size=0"], "--batch_size=0"),
     (["--suite=shapes"], "cannot load"),  # an empty folder is no checkpoint
+    (["--suite=shapes", "--preset=demo"], "--preset=demo: the config of"),  # {tmp}/config.json is {}
+    (["--suite=shapes", "--preset=demo", "--release-decoding"], "two different protocols"),
 ])
 def test_cli_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "q.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
     code = evaluate.main(["--checkpoint", str(tmp_path)] + [a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and message in err, err
