@@ -96,3 +96,44 @@ def test_sharded_steps_match_one_device():
         kernel = state["params"]["transformer"]["blocks"][0]["img_mlp"]["fc1"]["kernel"]
         assert len(kernel.sharding.device_set) == 8
         assert kernel.addressable_shards[0].data.size < kernel.size  # really split, not replicated
+
+
+def test_loss_spike_guard_skips_an_outlier_update_only_when_enabled(single):
+    from dual_diffusion.training.plan_io import with_loss_window
+
+    plan0, plain_step, _ = single
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    plan = with_loss_window(make_plan(tiny_model_config(), mesh, DEFAULT_RULES, MASK_ID), window=2)
+    shardings = jax.tree.map(lambda x: batch_sharding(mesh, DEFAULT_RULES, x.ndim), tiny_batch(BATCH))
+    step = make_train_step(plan, LOSS, shardings, ema_decay=0.9, loss_spike_factor=3.0)
+    spiky = tiny_batch(BATCH, seed=9)
+    for half in ("t2i", "i2t"):
+        spiky[half]["image"] = spiky[half]["image"] * 100.0  # a finite loss far above the usual ~1-5
+
+    state, frozen = plan.init_fn()
+    assert np.isnan(np.asarray(state["loss_window"])).all()
+    losses = []
+    for i in range(2):  # fill the window: the guard is idle until then
+        state, m = step(state, frozen, tiny_batch(BATCH, seed=i))
+        losses.append(float(m["loss"]))
+        assert not bool(m["spike"])
+    np.testing.assert_allclose(np.asarray(state["loss_window"]), losses, rtol=1e-6)
+    before = jax.tree.map(np.asarray, state["params"])
+    state, m = step(state, frozen, spiky)
+    assert bool(m["finite"]) and bool(m["spike"]) and float(m["loss"]) > 3.0 * np.median(losses)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state["params"], before)
+    np.testing.assert_allclose(np.asarray(state["loss_window"]), losses, rtol=1e-6)  # not recorded
+    assert int(state["step"]) == 3 and int(state["nonfinite"]) == 0
+    state, m = step(state, frozen, tiny_batch(BATCH, seed=5))  # an ordinary batch is applied again
+    assert not bool(m["spike"])
+    assert np.asarray(state["loss_window"])[-1] == np.float32(m["loss"])
+
+    # Off (the default): the same outlier batch moves the weights, and the state has no window.
+    state0, frozen0 = plan0.init_fn()
+    assert "loss_window" not in state0
+    state0, _ = plain_step(state0, frozen0, tiny_batch(BATCH))  # past the lr-0 warmup step
+    before0 = jax.tree.map(np.asarray, state0["params"])
+    state0, m0 = plain_step(state0, frozen0, spiky)
+    assert "spike" not in m0
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state0["params"], before0)
+    assert max(jax.tree.leaves(moved)) > 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +123,6 @@ class Checkpointer:
         if jax.process_index() == 0:
             src.rename(dst)
         logging.warning("checkpoint step %d in %s does not restore: moved aside to %s", step, self.directory, dst)
-        print(f"warning: checkpoint step {step} does not restore; moved aside to {dst}", file=sys.stderr,
-              flush=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -86,8 +86,6 @@ class MetricsWriter:
                     raise MetricsFileError(f"{self.path}: line {k + 1} is not JSON ({e.msg}); fix or remove "
                                            "that line") from None
                 logging.warning("%s: dropped a torn last line (a crash mid-write): %r", self.path, line[:80])
-                print(f"warning: {self.path}: dropped a torn last line (a crash mid-write)", file=sys.stderr,
-                      flush=True)
                 continue
             if row.get("step", 0) <= step:
                 kept.append(line)
