@@ -1,4 +1,5 @@
-"""The train entry point as a subprocess: exact resume after SIGKILL, SIGTERM saves, non-finite stop.
+"""The train entry point as a subprocess: exact resume after SIGKILL, SIGTERM saves, non-finite stop,
+two runs on one workdir, resume past a damaged checkpoint.
 
 Tiny demo runs (1-layer networks, batch 8); a shared persistent compilation
 cache keeps the repeated compiles of the same step cheap.
@@ -130,13 +131,52 @@ def test_sigterm_saves_current_step_and_partial_checkpoints_are_ignored(env, tmp
 
 
 @pytest.mark.slow
-def test_consecutive_nonfinite_losses_stop_with_a_checkpoint(env, tmp_path):
-    # lr 1e30: the first real update blows the weights up, every later loss is inf/nan.
+def test_consecutive_nonfinite_losses_stop_after_exactly_the_limit_without_saving(env, tmp_path):
+    # lr 1e30: step 2's update (the first with lr > 0) ruins the weights, every later loss is non-finite.
+    limit = 3
     rc, _, err = _finish(_start(env, tmp_path, "--config.train.num_steps=20", "--config.optimizer.lr=1e30",
-                                "--config.optimizer.clip_norm=0", "--config.train.max_consecutive_nonfinite=2"))
-    assert rc != 0 and "consecutive non-finite" in err, err[-3000:]
-    latest = Checkpointer(tmp_path, async_save=False).latest_step()
-    state = _state(tmp_path, latest)
-    assert latest < 20 and int(state["nonfinite"]) >= 2
-    params = [np.asarray(x) for x in jax_leaves(state["params"])]
-    assert all(np.isfinite(p).all() for p in params)  # the last good state, not the exploded one
+                                "--config.optimizer.clip_norm=0", f"--config.train.max_consecutive_nonfinite={limit}"))
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    rows = _metrics(tmp_path)
+    bad = [r["step"] for r in rows if not np.isfinite(r["loss"])]
+    first_bad = bad[0]
+    stopped = first_bad + limit - 1
+    assert bad == list(range(first_bad, stopped + 1)) and rows[-1]["step"] == stopped  # exactly `limit` skips
+    assert rows[-1]["nonfinite_total"] == limit
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) <= stopped  # the state it stopped with (one step further) is not saved
+    assert f"stopped at step {stopped}: {limit} consecutive updates skipped" in errors[0]
+    assert f"the last good checkpoint is step {max(steps)}" in errors[0]
+    assert int(_state(tmp_path, max(steps))["step"]) == max(steps)
+
+
+def _truncate_largest(folder: Path) -> None:
+    big = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(big, "r+b") as f:
+        f.truncate(big.stat().st_size // 2)
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_workdir_then_a_damaged_latest_checkpoint(env, tmp_path):
+    # Two runs started together: one takes the workdir lease, the other refuses with one line.
+    procs = [_start(env, tmp_path, "--config.train.num_steps=6") for _ in range(2)]
+    results = [_finish(p) for p in procs]
+    assert sorted(rc for rc, _, _ in results) == [0, 2], [err[-2000:] for _, _, err in results]
+    refused = next(err for rc, _, err in results if rc == 2)
+    assert [line for line in refused.splitlines() if line.strip()][-1].startswith("error: --workdir=")
+    assert "is in use by run" in refused and "Traceback" not in refused
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one run's rows, each once
+    assert not (tmp_path / "lease.json").exists()  # released at the end
+
+    # Step 6 damaged (one file cut in half): sampling falls back to step 3 ...
+    _truncate_largest(tmp_path / "checkpoints" / "6" / "state" / "ocdbt.process_0")
+    with pytest.warns(UserWarning, match="does not restore"):
+        assert load_pretrained(tmp_path).info["step"] == 3
+    # ... and a rerun moves step 6 aside, resumes from 3 and repeats steps 4-6 exactly.
+    rc, _, err = _finish(_start(env, tmp_path, "--config.train.num_steps=6"))
+    assert rc == 0, err[-3000:]
+    assert "moved aside" in err and "resumed from step 3" in err
+    assert (tmp_path / "checkpoints" / "6.damaged").is_dir() and (tmp_path / "checkpoints" / "6").is_dir()
+    assert _metrics(tmp_path) == rows  # identical losses, grad norms and lr; each step once

@@ -10,7 +10,7 @@ or killed run) is taken over with a warning; `force=True` (--force_takeover)
 takes a live one too. The file goes through etils.epath, so gs:// workdirs work
 the same way as local ones. On a multi-host run process 0 holds it for the run.
 
-Taking it is a create-exclusive on local disks; where that does not exist (object
+Taking it is a create-exclusive (a hard link of the written file) on local disks; where that does not exist (object
 stores) or when a stale lease is replaced, the run writes its lease, waits
 `settle_s` and reads it back: of two runs racing, only the last writer keeps it.
 """
@@ -111,17 +111,16 @@ class Lease:
 
     def _write(self, *, exclusive: bool) -> bool:
         """Writes this run's lease; with `exclusive`, only if no file exists (False if one does)."""
-        text = json.dumps(dataclasses.asdict(self.info))
-        if exclusive:
+        tmp = self.path.parent / f"{LEASE_FILE}.{self.info.run_id}.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self.info)))
+        if exclusive:  # a hard link appears complete and atomically, and fails if the lease exists
             try:
-                fd = os.open(os.fspath(self.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(os.fspath(tmp), os.fspath(self.path))
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            return True
-        tmp = self.path.parent / f"{LEASE_FILE}.{self.info.run_id}.tmp"
-        tmp.write_text(text)
+            finally:
+                tmp.unlink()
         tmp.replace(self.path)
         return True
 

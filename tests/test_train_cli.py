@@ -1,0 +1,111 @@
+"""The train command's usage and config errors: one line `error: ...`, exit status 2, no traceback,
+nothing written to the workdir; --verbose shows the traceback. And --dry_run for every config file
+and variant in configs/ (no tokenizer, no data, no weights).
+
+The commands run through train.cli in forks of one subprocess (tests/train_helpers.py), the same
+code path as `python -m dual_diffusion.train`.
+"""
+import json
+
+import pytest
+from train_helpers import run_train_commands
+
+DEMO = "--config=configs/demo.py"
+
+
+def _one_line_error(result) -> str:
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert result["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), result
+    assert "Traceback" not in result["stderr"] + result["stdout"]
+    return lines[0]
+
+
+def test_every_usage_and_config_error_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    w = f"--workdir={workdir}"
+    cases = {
+        "unknown key": [DEMO, w, "--config.train.foo=1"],
+        "unknown group": [DEMO, w, "--config.trian.batch_size=1"],
+        "index out of range": [DEMO, w, "--config.data.t2i_sources[3].path=/x"],
+        "negative batch": [DEMO, w, "--config.train.batch_size=-8"],
+        "batch not divisible": [DEMO, w, "--config.train.batch_size=12"],
+        "not a number": [DEMO, w, "--config.train.batch_size=abc"],
+        "workdir is a file": [DEMO, f"--workdir={a_file}"],
+        "workdir under a file": [DEMO, f"--workdir={a_file}/sub"],
+        "missing config file": ["--config=configs/nope.py", w],
+        "unknown variant": ["--config=configs/demo.py:tpu", w],
+        "no config": [w],
+        "no workdir": [DEMO],
+        "missing sources": ["--config=configs/stage1.py", w],
+        # the demo's t2i source made a JSON source without a path: found before the tokenizer is trained
+        "source without path": [DEMO, w, "--config.data.t2i_sources[0].kind=json"],
+    }
+    results = run_train_commands([{"argv": argv} for argv in cases.values()] +
+                                 [{"argv": cases["unknown key"] + ["--verbose"]},
+                                  {"argv": cases["unknown key"], "env": {"DD_VERBOSE": "1"}}], tmp_path)
+    msg = {name: _one_line_error(r) for name, r in zip(cases, results)}
+    assert msg["unknown key"].startswith("error: --config.train.foo=1: unknown config key config.train.foo: "
+                                         "config.train has no 'foo' (its keys: batch_size, ")
+    assert "config has no 'trian'" in msg["unknown group"]
+    assert "config.data.t2i_sources has 1 entries, index 3 is out of range" in msg["index out of range"]
+    assert "config.train.batch_size=-8: expected an integer in [1, inf)" in msg["negative batch"]
+    assert "config.train.batch_size=12 (/1 microbatches) is not divisible by the 8 batch shards" in msg[
+        "batch not divisible"]
+    assert "--config.train.batch_size=abc" in msg["not a number"]
+    assert f"--workdir={a_file}: exists and is not a directory" in msg["workdir is a file"]
+    assert f"{a_file} is a file, not a directory" in msg["workdir under a file"]
+    assert "--config=configs/nope.py: no such file 'configs/nope.py'" in msg["missing config file"]
+    assert "unknown config variant 'tpu'" in msg["unknown variant"]
+    assert "--config is required" in msg["no config"]
+    assert "--workdir is required" in msg["no workdir"]
+    sources = msg["missing sources"]  # all of them, each with the override that fills it in
+    for stream in ("t2i_sources", "i2t_sources"):
+        assert (f"config.data.{stream}[0].path='FILL_ME/" in sources
+                and f"--config.data.{stream}[0].path=/your/copy/" in sources), stream
+    assert "config.data.t2i_sources[0].path is not set" in msg["source without path"]
+    assert not workdir.exists()  # no tokenizer, config.json or lease was written by any of them
+    for verbose in results[len(cases):]:
+        assert verbose["rc"] != 0 and "Traceback" in verbose["stderr"], verbose["stderr"][-2000:]
+
+
+CONFIGS_FAST = ["configs/demo.py", "configs/demo.py:gpu"]
+CONFIGS_FULL = ["configs/stage1.py", "configs/stage2.py", "configs/stage2.py:256", "configs/stage2.py:512",
+                "configs/stage3.py"]
+
+
+def _dry_runs(configs, tmp_path):
+    results = run_train_commands([{"argv": [f"--config={c}", "--dry_run"]} for c in configs], tmp_path)
+    return dict(zip(configs, results))
+
+
+@pytest.fixture(scope="module")
+def fast_dry_runs(tmp_path_factory):
+    return _dry_runs(CONFIGS_FAST, tmp_path_factory.mktemp("dry"))
+
+
+@pytest.fixture(scope="module")
+def full_dry_runs(tmp_path_factory):
+    return _dry_runs(CONFIGS_FULL, tmp_path_factory.mktemp("dry_full"))
+
+
+def _check_report(result, tokenizer_vocab: int | None):
+    assert result["rc"] == 0, result["stderr"][-3000:]
+    report = json.loads(result["stdout"].strip().splitlines()[-1])
+    assert report["params"]["transformer"] > 0 and report["bytes_per_device"]["params"] > 0
+    assert "mesh:" in result["stdout"] and "transformer:" in result["stdout"]
+    return report
+
+
+@pytest.mark.parametrize("config", CONFIGS_FAST)
+def test_dry_run_of_demo_configs(fast_dry_runs, config):
+    report = _check_report(fast_dry_runs[config], 512)
+    assert report["params"]["vae"] == 0  # pixel space
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS_FULL)
+def test_dry_run_of_full_size_configs(full_dry_runs, config):
+    report = _check_report(full_dry_runs[config], None)
+    assert report["params"]["transformer"] == 2_102_856_100 and report["params"]["vae"] == 83_819_683
