@@ -135,11 +135,12 @@ class Lease:
             now = time.time()
             held = self.read()
             if held is not None and held.run_id != self.info.run_id:
-                if is_live(held, now, self.stale_after_s) and not force:
+                live = is_live(held, now, self.stale_after_s)
+                if live and not force:
                     raise LeaseHeld(f"--workdir={self.path.parent} is in use by {held.describe(now)}; wait for "
                                     "it to end, use another --workdir, or pass --force_takeover if that run is "
                                     "gone")
-                logging.warning("taking over the workdir lease of %s %s", "live" if force else "stale",
+                logging.warning("taking over the workdir lease of %s %s", "live" if live else "stale",
                                 held.describe(now))
             if held is None and self._local:
                 if self._write(exclusive=True):
