@@ -6,6 +6,7 @@ cache keeps the repeated compiles of the same step cheap.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,7 @@ def test_sigterm_saves_current_step_and_partial_checkpoints_are_ignored(env, tmp
     assert int(_state(tmp_path, latest)["step"]) == latest
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == latest
     assert (tmp_path / "samples" / "step_3_images.png").is_file()
+    assert "samples for step 3 written to" in err
     caps = json.loads((tmp_path / "samples" / "step_3_captions.json").read_text())
     assert len(caps["captions"]) == 2 and len(caps["prompts"]) == 4
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -169,6 +171,14 @@ def test_two_runs_on_one_workdir_then_a_damaged_latest_checkpoint(env, tmp_path)
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one run's rows, each once
     assert not (tmp_path / "lease.json").exists()  # released at the end
+    # The console: the run's own lines, no absl/Orbax INFO lines; a measured rate is never 0.
+    console = next(err for rc, _, err in results if rc == 0)
+    assert not re.search(r"^I\d{4} ", console, re.M), console[:2000]
+    for line in ("compiling the train step", "compiled the train step and ran step 1 in",
+                 "step 6/6 (100%)", "samples/s  ETA", "checkpoint step 6"):
+        assert line in console, line
+    raw = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["samples_per_sec"] > 0 for r in raw)
 
     # Step 6 damaged (one file cut in half): sampling falls back to step 3 ...
     _truncate_largest(tmp_path / "checkpoints" / "6" / "state" / "ocdbt.process_0")
