@@ -10,9 +10,9 @@ That is what a run this short learns robustly. Matching the answer *type* to the
 question takes ~200 steps at batch 32 and answering from the image the full demo
 (configs/demo.py docstring): both too long for a test.
 """
+import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -83,7 +83,8 @@ def test_short_demo_run_learns_the_answer_vocabulary(tmp_path):
 
     start = time.time()
     log = _train(tmp_path)
-    losses = [float(m) for m in re.findall(r"'loss_text': ([0-9.eE+-]+)", log)]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss_text"] for row in rows]
     assert len(losses) == STEPS // 20, log[-2000:]
     sampler, states, vocab = _restore(tmp_path)
     # The last two logged windows: single batches are noisy (captions vs answer-only VQA rows).

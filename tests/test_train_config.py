@@ -56,6 +56,9 @@ def test_bad_values_name_their_key():
     assert "config.optimizer.lr=-1.0" in _errors(optimizer__lr=-1.0)
     assert "config.runtime.dtype='fp17'" in _errors(runtime__dtype="fp17")
     assert "config.ema.decay=1.5" in _errors(ema__decay=1.5)
+    assert "config.loss.text_normalization='per_token'" in _errors(loss__text_normalization="per_token")
+    assert "config.loss.latent_sampling='mode'" in _errors(loss__latent_sampling="mode")
+    assert "config.runtime.remat_policy='offload'" in _errors(runtime__remat_policy="offload")
     msg = _errors(mesh__data=3, mesh__fsdp=-1)
     assert "config.mesh" in msg and "8 devices" in msg
     assert "config.train.microbatches=3" in _errors(train__microbatches=3)

@@ -37,6 +37,8 @@ CHOICES = {
     "loss.image_form": ("x_pred", "velocity"),
     "loss.timestep_kind": ("logit_normal", "uniform", "mode"),
     "loss.text_schedule": ("loglinear", "linear", "cosine"),
+    "loss.text_normalization": ("per_example", "batch_tokens"),  # diffusion/masked.py NORMALIZATIONS
+    "loss.latent_sampling": ("sample", "mean"),  # training/loss.py LATENT_SAMPLING
     "optimizer.schedule": ("constant", "cosine", "linear"),
     "samples.text_method": ("ancestral", "confidence", "semi_ar"),
 }
