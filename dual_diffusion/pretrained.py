@@ -10,22 +10,24 @@ Parameters are restored in `runtime.param_dtype` whatever dtype they were stored
 in; with a mesh each parameter is restored directly into its sharding
 (dual_diffusion.sharding.state_shardings with `rules`, default DEFAULT_RULES).
 Sources are found by what a folder contains (SOURCES); add a loader there for
-other formats.
+other formats. `path` may be local or a URL (gs://bucket/run): every file is
+read through etils.epath and Orbax (the tokenizer through a local copy).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
 from dual_diffusion.convert import components as comp
 from dual_diffusion.models.configs import Runtime
 from dual_diffusion.tokenizer import Tokenizer
+from dual_diffusion.training.checkpointing import local_copy, workdir_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,7 @@ class VAEHandle:
 class PretrainedBundle:
     """The networks of a checkpoint as jitted callables, plus their (graphdef, state) for training."""
 
-    path: Path
+    path: epath.Path
     tokenizer: Tokenizer
     configs: dict[str, Any]
     graphdefs: dict[str, nnx.GraphDef]
@@ -73,7 +75,7 @@ def _jitted(graphdef: nnx.GraphDef, state: nnx.State, method: str) -> Callable:
     return functools.partial(run, state)
 
 
-def _restore_component(path: Path, component: comp.Component, cfg, runtime: Runtime, mesh, rules):
+def _restore_component(path: epath.Path, component: comp.Component, cfg, runtime: Runtime, mesh, rules):
     abstract = component.build_abstract(cfg, runtime)
     graphdef, abstract_state = nnx.split(abstract)
     variables = comp.flat_variables(abstract_state)
@@ -107,10 +109,10 @@ def _attach_callables(bundle: PretrainedBundle) -> None:
                                shift_factor=cfg.shift_factor, scaling_factor=cfg.scaling_factor)
 
 
-def _load_converted(path: Path, runtime: Runtime, mesh, rules, components: Sequence[str]) -> PretrainedBundle:
+def _load_converted(path: epath.Path, runtime: Runtime, mesh, rules, components: Sequence[str]) -> PretrainedBundle:
     info = comp.read_info(path)
     tok = info["tokenizer"]
-    bundle = PretrainedBundle(path=path, tokenizer=Tokenizer(path / tok["folder"] / tok["model_file"]),
+    bundle = PretrainedBundle(path=path, tokenizer=_tokenizer(path / tok["folder"] / tok["model_file"]),
                               configs={}, graphdefs={}, states={}, info=info)
     for name in components:
         if name not in comp.COMPONENTS or name not in info["components"]:
@@ -123,27 +125,40 @@ def _load_converted(path: Path, runtime: Runtime, mesh, rules, components: Seque
     return bundle
 
 
-def _is_converted(path: Path) -> bool:
+def _tokenizer(model_file: epath.Path) -> Tokenizer:
+    """The SentencePiece model at `model_file` (read through a local copy when it is remote); its
+    `model_file` names where it came from."""
+    tokenizer = Tokenizer(local_copy(model_file))
+    tokenizer.model_file = model_file
+    return tokenizer
+
+
+def _is_converted(path: epath.Path) -> bool:
     return (path / comp.INFO_FILE).is_file()
 
 
-def _is_workdir(path: Path) -> bool:
+def _is_workdir(path: epath.Path) -> bool:
     return (path / "model.json").is_file() and (path / "checkpoints").is_dir()
 
 
-def _workdir_tokenizer(path: Path, recorded: str) -> Tokenizer:
+def _workdir_tokenizer(path: epath.Path, recorded: str) -> Tokenizer:
     """The tokenizer model.json names: as recorded, else relative to the workdir, else by name in it
     (a moved workdir keeps working)."""
-    name = Path(recorded).name
-    candidates = [Path(recorded), path / recorded, path / name, path / "tokenizer" / name] if recorded else []
+    name = epath.Path(recorded).name
+    candidates = ([epath.Path(recorded), path / recorded, path / name, path / "tokenizer" / name]
+                  if recorded else [])
     for candidate in candidates:
-        if candidate.is_file():
-            return Tokenizer(candidate)
+        try:
+            found = candidate.is_file()
+        except (ImportError, OSError):  # a gs:// name where gcsfs is missing (a workdir copied off the bucket)
+            found = False
+        if found:
+            return _tokenizer(candidate)
     raise FileNotFoundError(f"load_pretrained: the tokenizer model {recorded!r} recorded in {path}/model.json "
                             f"was found neither as given nor inside {path}")
 
 
-def _restore_newest(directory: Path) -> tuple[int, dict]:
+def _restore_newest(directory: epath.Path) -> tuple[int, dict]:
     """(step, train state) of the newest complete checkpoint that restores; older ones are tried in turn
     when a newer one is damaged (nothing is moved: a running trainer may own the workdir)."""
     import warnings
@@ -165,7 +180,7 @@ def _restore_newest(directory: Path) -> tuple[int, dict]:
     raise ValueError(f"load_pretrained: no checkpoint in {directory} restores ({'; '.join(errors)})")
 
 
-def _load_workdir(path: Path, runtime: Runtime, mesh, rules, components: Sequence[str]) -> PretrainedBundle:
+def _load_workdir(path: epath.Path, runtime: Runtime, mesh, rules, components: Sequence[str]) -> PretrainedBundle:
     """The latest checkpoint of a training workdir: EMA weights when the run keeps them, else the params.
 
     A network's state = its trained part (checkpoints/<step>/state) + its frozen part
@@ -229,7 +244,7 @@ def _load_workdir(path: Path, runtime: Runtime, mesh, rules, components: Sequenc
 
 # (description, detect(path) -> bool, load(path, runtime, mesh, rules, components) -> PretrainedBundle),
 # tried in order.
-SOURCES: list[tuple[str, Callable[[Path], bool], Callable[..., PretrainedBundle]]] = [
+SOURCES: list[tuple[str, Callable[[epath.Path], bool], Callable[..., PretrainedBundle]]] = [
     (f"converted checkpoint ({comp.INFO_FILE} + {comp.PARAMS_DIR}/)", _is_converted, _load_converted),
     ("training workdir (model.json + checkpoints/)", _is_workdir, _load_workdir),
 ]
@@ -239,7 +254,7 @@ def load_pretrained(path, runtime: Runtime = Runtime(), mesh: jax.sharding.Mesh 
                     rules: Sequence[tuple[str, Any]] | None = None,
                     components: Sequence[str] = ("transformer", "text_encoder", "vae")) -> PretrainedBundle:
     """Loads the networks of `path` (see the module docstring); `components` selects a subset."""
-    path = Path(path).absolute()  # Orbax takes absolute paths only
+    path = workdir_path(path)  # absolute when local (Orbax takes absolute paths only); gs:// as it is
     if not path.is_dir():
         raise FileNotFoundError(f"load_pretrained: {path} is not a folder")
     for _, detect, load in SOURCES:

@@ -12,17 +12,25 @@ Orbax writes each step into a temporary folder and renames it when complete,
 so a run killed mid-save leaves no step that `latest_step` would pick up. A
 complete step that fails to restore (a damaged file) is moved aside to
 checkpoints/<step>.damaged once an older step restores (`restore_latest`).
+
+A workdir is local or a URL (gs://bucket/run): every path of it is an etils.epath.Path
+(`workdir_path`), which Orbax, TensorStore and the lease take as they are. gs:// needs
+`gcsfs` installed (epath's backend for it); Orbax writes the arrays through TensorStore's
+own GCS driver. On object stores Orbax marks a complete step with a commit file instead of
+a rename, with the same guarantee.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from dual_diffusion.cli import UsageError
 
@@ -31,6 +39,28 @@ DAMAGED_SUFFIX = ".damaged"
 
 class CheckpointError(UsageError):
     """No checkpoint of the workdir restores, or the workdir itself is unusable (reported as one line)."""
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """False for a URL (gs://bucket/x, s3://...), True for a path on a local (or mounted) disk."""
+    return "://" not in os.fspath(path)
+
+
+def workdir_path(path: str | os.PathLike) -> epath.Path:
+    """A workdir or checkpoint folder as an epath.Path: a URL as it is (pathlib would turn `gs://b/x` into
+    the local folder `gs:/b/x`), a local path made absolute (Orbax takes absolute paths only)."""
+    path = os.fspath(path)
+    return epath.Path(path if not is_local(path) else os.path.abspath(path))
+
+
+def local_copy(path: epath.Path) -> Path:
+    """`path` itself when it is local, else a copy in a new local temporary folder (for readers such as
+    SentencePiece that only open local files)."""
+    if is_local(path):
+        return Path(os.fspath(path))
+    local = Path(tempfile.mkdtemp(prefix="dual_diffusion_")) / path.name
+    local.write_bytes(path.read_bytes())
+    return local
 
 
 def _grain_args(data_iter, restore: bool):
@@ -45,8 +75,8 @@ def _drop_none(state: dict) -> dict:
 class Checkpointer:
     """CheckpointManager over WORKDIR/checkpoints: keep the last `keep`, optional async saves."""
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = workdir_path(workdir) / "checkpoints"
         self.async_save = async_save
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
@@ -137,16 +167,16 @@ class Checkpointer:
 
 
 # --------------------------------------------------------------------------- frozen weights
-def save_frozen(workdir: str | Path, frozen: dict) -> None:
-    path = Path(workdir).absolute() / "frozen"
+def save_frozen(workdir: str | os.PathLike, frozen: dict) -> None:
+    path = workdir_path(workdir) / "frozen"
     if path.exists():
         return
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, frozen)
 
 
-def restore_frozen(workdir: str | Path, abstract_frozen: dict) -> dict | None:
-    path = Path(workdir).absolute() / "frozen"
+def restore_frozen(workdir: str | os.PathLike, abstract_frozen: dict) -> dict | None:
+    path = workdir_path(workdir) / "frozen"
     if not path.exists():
         return None
     with ocp.StandardCheckpointer() as ckptr:
@@ -157,12 +187,30 @@ def restore_frozen(workdir: str | Path, abstract_frozen: dict) -> dict | None:
 
 
 # --------------------------------------------------------------------------- workdir description
-def check_workdir(workdir: str | Path) -> Path:
-    """Creates WORKDIR if needed; a path that exists and is not a directory is an error (one line)."""
-    path = Path(workdir)
+def check_workdir(workdir: str | os.PathLike) -> epath.Path:
+    """Creates WORKDIR if needed; a path that exists and is not a directory is an error (one line).
+
+    Returns the workdir as `workdir_path` gives it. On an object store (gs://) the local checks (a parent
+    that is a file, write permission) have no meaning and are skipped; a store that cannot be reached (no
+    gcsfs, no credentials, no bucket) is one line too.
+    """
+    path = workdir_path(workdir)
+    if not is_local(path):
+        try:
+            if path.exists() and not path.is_dir():
+                raise WorkdirError(f"--workdir={workdir}: exists and is not a directory")
+            path.mkdir(parents=True, exist_ok=True)
+        except ImportError as e:
+            raise WorkdirError(f"--workdir={workdir}: this kind of path needs gcsfs (pip install gcsfs): "
+                               f"{e}") from None
+        except WorkdirError:
+            raise
+        except Exception as e:  # noqa: BLE001  (auth, network, missing bucket: reported as one line)
+            raise WorkdirError(f"--workdir={workdir}: cannot reach or create it ({type(e).__name__}: {e})") from None
+        return path
     if path.exists() and not path.is_dir():
         raise WorkdirError(f"--workdir={workdir}: exists and is not a directory")
-    for parent in path.absolute().parents:  # mkdir would fail with a bare [Errno 20]
+    for parent in Path(path).parents:  # mkdir would fail with a bare [Errno 20]
         if parent.exists():
             if not parent.is_dir():
                 raise WorkdirError(f"--workdir={workdir}: {parent} is a file, not a directory")
@@ -180,11 +228,11 @@ class WorkdirError(CheckpointError):
     """A --workdir that cannot hold a run (a file, not creatable, not writable)."""
 
 
-def write_workdir_json(workdir: str | Path, config, model_json: dict[str, Any]) -> None:
+def write_workdir_json(workdir: str | os.PathLike, config, model_json: dict[str, Any]) -> None:
     """Writes config.json and model.json (process 0 only); compares them with an existing run's."""
     if jax.process_index() != 0:
         return
-    path = Path(workdir)
+    path = workdir_path(workdir)
     model_file = path / "model.json"
     model_json = json.loads(json.dumps(model_json))  # tuples -> lists, as the file holds them
     if model_file.exists():
@@ -193,12 +241,14 @@ def write_workdir_json(workdir: str | Path, config, model_json: dict[str, Any]) 
             if old.get(name) != model_json.get(name):
                 raise CheckpointError(f"--workdir={workdir} holds a run with a different model.{name} "
                                  f"({old.get(name)} != {model_json.get(name)}); use a new workdir")
-    _atomic_write(model_file, json.dumps(model_json, indent=2, sort_keys=True))
-    _atomic_write(path / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+    atomic_write(model_file, json.dumps(model_json, indent=2, sort_keys=True))
+    atomic_write(path / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
     logging.info("wrote %s and config.json", model_file)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+def atomic_write(path: epath.Path, text: str) -> None:
+    """Writes `text` to a temporary name next to `path`, then renames it over `path` (on an object store the
+    rename is a copy: readers still see either the old or the new object, never a partial one)."""
+    tmp = path.parent / f"{path.name}.tmp"
     tmp.write_text(text)
     tmp.replace(path)

@@ -7,21 +7,29 @@ steps after the resume point (from an earlier run that died before its next
 checkpoint) are dropped first, so the file reads as one uninterrupted run, and
 a torn last line (a crash in the middle of a write) is dropped with a warning.
 
+An object store (a gs:// workdir) cannot append to an object: there the writer keeps
+the rows in memory (the file's rows up to the resume point, read at start) and
+rewrites the whole file at each write, through a temporary name and a rename. Its
+TensorBoard events go to a local temporary folder (named in the log), since
+tensorboardX writes gs:// only with google-cloud-storage installed.
+
 `console` prints the run's own progress lines (stderr, process 0), which stay
 visible when absl/Orbax INFO logging is off (the default of train.py).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
 
 from dual_diffusion.cli import UsageError
+from dual_diffusion.training.checkpointing import atomic_write, is_local, workdir_path
 
 
 class MetricsFileError(UsageError):
@@ -60,17 +68,25 @@ def _scalar(x):
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, resume_step: int = 0):
+    def __init__(self, workdir: str | os.PathLike, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        workdir = workdir_path(workdir)
+        self.path = workdir / "metrics.jsonl"
+        self._append = is_local(workdir)
+        self._lines: list[str] = []  # all rows, for a store that cannot append (rewritten at each write)
         self._tb = None
         if not self.enabled:
             return
         if self.path.exists():
             self._truncate_after(resume_step)
+        tb_dir = os.fspath(workdir / "tensorboard")
+        if not self._append:
+            tb_dir = tempfile.mkdtemp(prefix="dual_diffusion_tensorboard_")
+            console(f"TensorBoard events go to the local folder {tb_dir} (not into {workdir}); "
+                    f"{self.path} gets every row")
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(tb_dir)
         except ImportError:  # tensorboardX is in setup.py; keep training without it
             self._tb = None
 
@@ -89,16 +105,20 @@ class MetricsWriter:
                 continue
             if row.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        if not self._append:
+            self._lines = kept
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, scalars: dict) -> dict:
         row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
         if not self.enabled:
             return row
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._append:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            self._lines.append(json.dumps(row))
+            atomic_write(self.path, "".join(line + "\n" for line in self._lines))
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):

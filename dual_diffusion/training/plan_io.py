@@ -22,11 +22,16 @@ VOCAB_FROM_TOKENIZER = -1
 
 
 # --------------------------------------------------------------------------- tokenizer and vocabulary
-def get_tokenizer(config, workdir: Path | None, dry_run: bool = False):
+def get_tokenizer(config, workdir, dry_run: bool = False):
     """The run's tokenizer; the demo trains its own into WORKDIR/tokenizer (deterministic) on first use.
 
+    `workdir`: a local path or an epath (checkpointing.workdir_path). SentencePiece reads and writes local files only:
+    for a gs:// workdir the model is trained into a local temporary folder and copied into the workdir,
+    and read back through a local copy; `model_file` (what model.json records) stays the workdir's file.
     Multi-host: process 0 trains it, the others wait at a barrier before opening the file.
     """
+    import tempfile
+
     from dual_diffusion.tokenizer import Tokenizer, train_sentencepiece
 
     if config.init_from:
@@ -34,17 +39,28 @@ def get_tokenizer(config, workdir: Path | None, dry_run: bool = False):
     if config.tokenizer.train_corpus == "shapes":
         if dry_run:
             return None
-        model_file = workdir / "tokenizer" / "spiece.model"
+        model_file, local = workdir / "tokenizer" / "spiece.model", checkpointing.is_local(workdir)
         if not model_file.exists():
             from dual_diffusion.data.shapes import shapes_captions_corpus
             if jax.process_index() == 0:
-                train_sentencepiece(shapes_captions_corpus(config.seed, 2000), workdir / "tokenizer" / "spiece",
-                                    config.tokenizer.train_vocab_size,
-                                    model_type=config.tokenizer.get("train_model_type", "unigram"))
+                prefix = (workdir / "tokenizer" / "spiece" if local
+                          else Path(tempfile.mkdtemp(prefix="dual_diffusion_tokenizer_")) / "spiece")
+                trained = train_sentencepiece(shapes_captions_corpus(config.seed, 2000), prefix,
+                                              config.tokenizer.train_vocab_size,
+                                              model_type=config.tokenizer.get("train_model_type", "unigram"))
+                if not local:
+                    model_file.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = model_file.parent / f"{model_file.name}.tmp"  # readers never see a partial model
+                    tmp.write_bytes(trained.read_bytes())
+                    tmp.replace(model_file)
         if jax.process_count() > 1:  # every process reaches this (same files on a shared workdir)
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("dual_diffusion:tokenizer_written")
-        return Tokenizer(model_file)
+        if local:
+            return Tokenizer(model_file)
+        tokenizer = Tokenizer(checkpointing.local_copy(model_file))
+        tokenizer.model_file = model_file  # what model.json records: the workdir's file, not the local copy
+        return tokenizer
     return None if dry_run else Tokenizer(config.tokenizer.model_file)
 
 

@@ -3,12 +3,12 @@
 A thin layer over dual_diffusion.pipelines: the train state's weights (EMA when
 the run keeps one) plus the frozen weights make each network's state. Written to
 WORKDIR/samples/step_<N>_images.png (one image per fixed prompt, in a row) and
-WORKDIR/samples/step_<N>_captions.json (captions of fixed shapes-world images).
+WORKDIR/samples/step_<N>_captions.json (captions of fixed shapes-world images),
+through etils.epath (a gs:// workdir too).
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,13 +16,26 @@ from flax.nnx import traversals
 
 from dual_diffusion.eval_suites import training_sample_options
 from dual_diffusion.pipelines import Pipeline
+from dual_diffusion.training.checkpointing import workdir_path
 from dual_diffusion.training.state import Plan
+
+
+def write_samples(out, step: int, images_NxHxWx3_uint8: np.ndarray, captions: dict) -> None:
+    """OUT/step_<step>_images.png (the N images in a row) and OUT/step_<step>_captions.json; OUT is any
+    epath (PIL writes to a file object, so a gs:// folder works like a local one)."""
+    from PIL import Image
+
+    out = workdir_path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"step_{step}_images.png").open("wb") as f:
+        Image.fromarray(np.concatenate(list(images_NxHxWx3_uint8), axis=1)).save(f, format="PNG")
+    (out / f"step_{step}_captions.json").write_text(json.dumps(captions, indent=2))
 
 
 class Sampler:
     def __init__(self, config, plan: Plan, tokenizer, workdir, loss_cfg):
         self.config = config
-        self.workdir = None if workdir is None else Path(workdir)
+        self.workdir = None if workdir is None else workdir_path(workdir)
         graphdefs = plan.split.graphdefs
         vae = config.model.vae
         in_vae = "vae" in graphdefs
@@ -43,8 +56,6 @@ class Sampler:
 
     def write(self, step: int, state, frozen) -> None:
         """Image row for the config's prompts + captions of fixed shapes images, under WORKDIR/samples."""
-        from PIL import Image
-
         from dual_diffusion.data.shapes_eval import caption_eval_set
 
         states = self.states(state, frozen)
@@ -55,10 +66,7 @@ class Sampler:
         if jax.process_index() != 0 or self.workdir is None:
             return
         out = self.workdir / "samples"
-        out.mkdir(exist_ok=True)
-        Image.fromarray(np.concatenate(list(images), axis=1)).save(out / f"step_{step}_images.png")
-        (out / f"step_{step}_captions.json").write_text(json.dumps(
-            {"prompts": prompts, "captions": caps, "truth": fixed.captions}, indent=2))
+        write_samples(out, step, np.asarray(images), {"prompts": prompts, "captions": caps, "truth": fixed.captions})
         from dual_diffusion.training.metrics import console
         console(f"samples for step {step} written to {out}/step_{step}_images.png and step_{step}_captions.json")
 
