@@ -97,7 +97,7 @@ def _check(args) -> None:
             raise UsageError(f"--oracle exists for --suite=shapes only, not --suite={args.suite}")
     elif not args.checkpoint:
         raise UsageError("--checkpoint is required (or --suite=shapes --oracle)")
-    elif not Path(args.checkpoint).is_dir():
+    elif not _ckpt_path(args.checkpoint).is_dir():  # pathlib would turn gs://b/x into the local gs:/b/x
         raise UsageError(f"--checkpoint={args.checkpoint}: no such folder")
     for name in ("batch_size", "t2i_steps", "text_steps", "samples_per_prompt", "image_size", "text_length",
                  "caption_length", "max_images", "max_questions"):
@@ -123,9 +123,16 @@ def _check(args) -> None:
         raise UsageError(f"--preset={args.preset} and --release-decoding are two different protocols: pick one")
 
 
+def _ckpt_path(checkpoint: str):
+    """--checkpoint as an etils.epath.Path (gs:// kept as it is; imported here: Orbax loads slowly)."""
+    from dual_diffusion.training.checkpointing import workdir_path
+
+    return workdir_path(checkpoint)
+
+
 def preset_config(name: str, checkpoint: str) -> dict:
     """The training config a preset reads: CHECKPOINT/config.json (the run's own), else configs/<name>.py."""
-    saved = Path(checkpoint) / "config.json"
+    saved = _ckpt_path(checkpoint) / "config.json"
     if saved.is_file():
         try:
             return json.loads(saved.read_text())
@@ -211,12 +218,12 @@ def shapes_oracle_scores(seed: int, image_size: int, per_category: int, num_capt
 
 
 def default_out_dir(checkpoint: str | None) -> Path:
-    """CHECKPOINT/eval when it can be created and written, else the current folder."""
+    """CHECKPOINT/eval when it can be created and written, else the current folder (an epath for gs://)."""
     if checkpoint:
-        folder = Path(checkpoint) / "eval"
+        folder = _ckpt_path(checkpoint) / "eval"
         try:
             folder.mkdir(exist_ok=True)
-            if os.access(folder, os.W_OK):
+            if "://" in os.fspath(folder) or os.access(folder, os.W_OK):  # an object store has no access bits
                 return folder
         except OSError:
             pass

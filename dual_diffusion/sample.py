@@ -117,7 +117,9 @@ def _batches(items: list, size: int, desc: str):
 
 
 def _check(args) -> None:
-    if not Path(args.checkpoint).is_dir():
+    from dual_diffusion.training.checkpointing import workdir_path
+
+    if not workdir_path(args.checkpoint).is_dir():  # pathlib would turn gs://b/x into the local gs:/b/x
         raise UsageError(f"--checkpoint={args.checkpoint}: no such folder")
     needs_image = args.task in ("caption", "vqa", "inpaint")
     if needs_image and not args.image:

@@ -149,7 +149,7 @@ def _restore_groups(directory: Path, paths: list[Path_], restore_args: Callable[
                     targets: dict[Path_, Any] | None = None) -> dict[Path_, Any]:
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    directory = _folder(directory)
     if not (directory / GROUPS_FILE).is_file():
         raise FileNotFoundError(f"checkpoint component {directory}: missing {GROUPS_FILE} (not a converted component)")
     by_name = {path_name(p): p for p in paths}
@@ -187,8 +187,15 @@ def restore_numpy(directory: Path, paths: list[Path_]) -> dict[Path_, np.ndarray
     return _restore_groups(directory, paths, lambda p: ocp.RestoreArgs(restore_type=np.ndarray))
 
 
+def _folder(path):
+    """A converted folder as an etils.epath.Path: local made absolute (Orbax), gs:// kept as it is."""
+    from dual_diffusion.training.checkpointing import workdir_path
+
+    return workdir_path(path)
+
+
 def read_info(path: Path) -> dict:
-    info_file = Path(path) / INFO_FILE
+    info_file = _folder(path) / INFO_FILE
     try:
         info = json.loads(info_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
