@@ -39,5 +39,7 @@ setup(
         # libtpu for compiling the train step for a TPU slice from any host (train --dry_run --topology=...)
         # and for running on TPU VMs; libtpu must match jax, so this pins both (jax 0.10.2 -> libtpu 0.0.42.1).
         "tpu": ["jax[tpu]==0.10.2"],
+        # gs:// workdirs and checkpoints (etils.epath reaches GCS through gcsfs).
+        "gcs": ["gcsfs>=2024.2"],
     },
 )

@@ -5,7 +5,7 @@
 #          PROJECT=my-project BUCKET=gs://my-bucket
 #   launch/tpu_pod.sh create            # once
 #   launch/tpu_pod.sh copy              # the working tree -> ~/dual_diffusion on every worker
-#   launch/tpu_pod.sh install           # pip install (jax[tpu] + the package) on every worker
+#   launch/tpu_pod.sh install           # pip install -e '.[tpu,gcs]' (libtpu pinned to jax, gcsfs) on every worker
 #   launch/tpu_pod.sh train configs/stage2.py $BUCKET/ddit/stage2 --config.init_from=$BUCKET/ckpt/stage1
 #   launch/tpu_pod.sh logs              # tail of the training log of worker 0
 #   launch/tpu_pod.sh delete
@@ -37,7 +37,7 @@ case "${1:-}" in
     ssh_all "mkdir -p ~/$REMOTE_DIR && tar -C ~/$REMOTE_DIR -xzf /tmp/ddit_code.tgz"
     ;;
   install)
-    ssh_all "cd ~/$REMOTE_DIR && pip install -U 'jax[tpu]' && pip install -e ."
+    ssh_all "cd ~/$REMOTE_DIR && pip install -e '.[tpu,gcs]'"
     ;;
   train)
     config=${2:?config file}; workdir=${3:?workdir (gs://...)}; shift 3
