@@ -153,10 +153,7 @@ def main(argv):
     from dual_diffusion import sharding
     from dual_diffusion.cli import UsageError
     from dual_diffusion.training import checkpointing, config_check, plan_io
-    from dual_diffusion.training.loss import LossConfig
     from dual_diffusion.training.metrics import MetricsWriter, Throughput, console, progress_line
-    from dual_diffusion.training.state import make_plan
-    from dual_diffusion.training.step import make_train_step
 
     stop = _StopFlag()  # installed first: a preemption during startup must not kill a save
     signal.signal(signal.SIGTERM, stop)
@@ -195,20 +192,11 @@ def main(argv):
     plan_io.resolve_vocab(config, tokenizer, bundle, dry_run=FLAGS.dry_run)
     mask_id, eos_id = plan_io.special_ids(config, tokenizer)
 
-    # ---- model, optimizer, shard (abstract init; nothing is materialised yet)
-    plan = make_plan(config, mesh, rules, mask_id)
-    spike_factor = float(config.train.get("loss_spike_factor", 0.0))
-    if spike_factor > 0:
-        plan = plan_io.with_loss_window(plan, int(config.train.loss_spike_window))
-    loss_cfg = LossConfig.from_config(config.loss, mask_id=mask_id, null_id=eos_id)
-    abstract_batch = plan_io.abstract_batch(config, mesh, rules)
-    batch_shardings = jax.tree.map(lambda a: a.sharding, abstract_batch)
-
-    # ---- step
-    vae = config.model.vae
-    train_step = make_train_step(plan, loss_cfg, batch_shardings, microbatches=config.train.microbatches,
-                                 ema_decay=float(config.ema.decay), latent_shift=vae.shift_factor,
-                                 latent_scale=vae.scaling_factor, loss_spike_factor=spike_factor)
+    # ---- model, optimizer, shard, step (abstract init; nothing is materialised yet)
+    built = plan_io.build_step(config, mesh, rules, mask_id, eos_id)
+    plan, loss_cfg, abstract_batch, batch_shardings = built.plan, built.loss_cfg, built.abstract_batch, \
+        built.batch_shardings
+    train_step, spike_factor = built.train_step, built.spike_factor
     if FLAGS.dry_run:
         report = plan_io.dry_run_report(plan, train_step, abstract_batch, mesh, compile_step=FLAGS.dry_run_compile)
         print(plan_io.describe(plan, mesh, config))

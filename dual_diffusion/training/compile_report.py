@@ -57,16 +57,11 @@ def batch_unit(config, mesh_shape: dict) -> int:
 def build_step(config, devices):
     """(mesh, plan, train_step, abstract_batch) as train.py's dry run builds them, over `devices`.
 
-    Keep in step with train.py's sections mesh .. step. `config` is resolved in place (vocab
+    The model .. step part is train.py's own (plan_io.build_step). `config` is resolved in place (vocab
     sizes of -1 as a dry run sizes them: no tokenizer or checkpoint is loaded for a compile).
     """
-    import jax
-
     from dual_diffusion import sharding
     from dual_diffusion.training import config_check, plan_io
-    from dual_diffusion.training.loss import LossConfig
-    from dual_diffusion.training.state import make_plan
-    from dual_diffusion.training.step import make_train_step
 
     config_check.check_config(config, len(devices), dry_run=True)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
@@ -74,18 +69,8 @@ def build_step(config, devices):
     tokenizer = plan_io.get_tokenizer(config, None, dry_run=True)
     plan_io.resolve_vocab(config, tokenizer, None, dry_run=True)
     mask_id, eos_id = plan_io.special_ids(config, tokenizer)
-    plan = make_plan(config, mesh, rules, mask_id)
-    spike_factor = float(config.train.get("loss_spike_factor", 0.0))
-    if spike_factor > 0:
-        plan = plan_io.with_loss_window(plan, int(config.train.loss_spike_window))
-    loss_cfg = LossConfig.from_config(config.loss, mask_id=mask_id, null_id=eos_id)
-    abstract_batch = plan_io.abstract_batch(config, mesh, rules)
-    vae = config.model.vae
-    train_step = make_train_step(plan, loss_cfg, jax.tree.map(lambda a: a.sharding, abstract_batch),
-                                 microbatches=config.train.microbatches, ema_decay=float(config.ema.decay),
-                                 latent_shift=vae.shift_factor, latent_scale=vae.scaling_factor,
-                                 loss_spike_factor=spike_factor)
-    return mesh, plan, train_step, abstract_batch
+    built = plan_io.build_step(config, mesh, rules, mask_id, eos_id)
+    return mesh, built.plan, built.train_step, built.abstract_batch
 
 
 def analytic_flops(config, plan) -> int:

@@ -16,7 +16,7 @@ from absl import logging
 from dual_diffusion import sharding
 from dual_diffusion.models.configs import Runtime
 from dual_diffusion.training import checkpointing
-from dual_diffusion.training.state import Plan, model_configs
+from dual_diffusion.training.state import Plan
 
 VOCAB_FROM_TOKENIZER = -1
 
@@ -98,6 +98,39 @@ def runtime_of(config) -> Runtime:
 
 def components_of(config) -> tuple[str, ...]:
     return ("transformer", "text_encoder") + (("vae",) if config.model.latent_space == "vae" else ())
+
+
+# --------------------------------------------------------------------------- model .. step
+@dataclasses.dataclass
+class Step:
+    """What train.py's sections model .. step build (also compiled for a TPU slice by compile_report)."""
+
+    plan: Plan
+    loss_cfg: object  # training.loss.LossConfig
+    abstract_batch: dict  # ShapeDtypeStructs with shardings of one global batch
+    batch_shardings: dict
+    train_step: object  # jitted step(state, frozen, batch) -> (state, metrics)
+    spike_factor: float  # train.loss_spike_factor (0: the guard is off)
+
+
+def build_step(config, mesh, rules, mask_id: int, eos_id: int) -> Step:
+    """Abstract init, sharded plan, loss config, abstract batch and the jitted step: nothing is materialised."""
+    from dual_diffusion.training.loss import LossConfig
+    from dual_diffusion.training.state import make_plan
+    from dual_diffusion.training.step import make_train_step
+
+    plan = make_plan(config, mesh, rules, mask_id)
+    spike_factor = float(config.train.get("loss_spike_factor", 0.0))
+    if spike_factor > 0:
+        plan = with_loss_window(plan, int(config.train.loss_spike_window))
+    loss_cfg = LossConfig.from_config(config.loss, mask_id=mask_id, null_id=eos_id)
+    batch = abstract_batch(config, mesh, rules)
+    batch_shardings = jax.tree.map(lambda a: a.sharding, batch)
+    vae = config.model.vae
+    step = make_train_step(plan, loss_cfg, batch_shardings, microbatches=config.train.microbatches,
+                           ema_decay=float(config.ema.decay), latent_shift=vae.shift_factor,
+                           latent_scale=vae.scaling_factor, loss_spike_factor=spike_factor)
+    return Step(plan, loss_cfg, batch, batch_shardings, step, spike_factor)
 
 
 # --------------------------------------------------------------------------- batches
