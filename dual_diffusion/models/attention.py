@@ -11,7 +11,10 @@ topology from a CPU host contains the TPU kernels):
 An implementation that cannot serve a call falls back to xla, with one warning
 per reason. Biased attention (T5's relative positions) always uses xla: a
 Pallas kernel would need the full (B, H, L, L) float32 bias in memory, as large
-as the logits XLA makes, and at T5's 256 tokens those are small.
+as the logits XLA makes, and at T5's 256 tokens those are small. Measured
+(T5-XXL, 4 layers, 256 tokens, forward + backward under remat dots_no_batch,
+8 rows per chip on v5p-16, 2026-12-01): peak 6.749 GiB per chip with xla,
+6.779 GiB with Pallas flash attention taking the bias.
 """
 from __future__ import annotations
 
