@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import dual_diffusion  # noqa: F401
+from train_helpers import run_train_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "gs://"
@@ -247,38 +246,7 @@ def test_sample_and_evaluate_take_a_gcs_checkpoint(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- a tiny training on gs://
-# One subprocess installs the fake, then runs each command in a fork (fresh flags and JAX backend).
-_DRIVER = r"""
-import json, os, sys
-sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
-import jax, ml_collections
-from dual_diffusion import train
-import configs.common
-from test_workdir_gcs import fake_gcs
-store, log, cases = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-results = []
-with fake_gcs(store, log):
-    for case in cases:
-        pid = os.fork()
-        if pid == 0:
-            err = os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(err, 2)
-            os.dup2(err, 1)
-            code = 0
-            sys.argv = ["train", *case["argv"]]  # ml_collections reads config overrides from sys.argv
-            try:
-                train.cli(sys.argv)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:
-                import traceback; traceback.print_exc(); code = 1
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        results.append({"rc": os.waitstatus_to_exitcode(status), "stderr": open(case["stderr"]).read()})
-print("\n" + json.dumps(results))
-"""
-
+# train_helpers.run_train_commands runs the commands in forks of one subprocess, inside fake_gcs.
 TINY = [f"--config={ROOT / 'configs/demo.py'}", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.checkpoint.every_steps=3", "--config.eval.shapes_suite=False",
         "--config.model.transformer.num_layers=1", "--config.model.text_encoder.num_layers=1",
@@ -301,14 +269,8 @@ def test_training_on_a_gcs_workdir_resumes_exactly_and_loads(tmp_path):
     cases = [{"argv": [*TINY, "--workdir=gs://bucket/straight", "--config.train.num_steps=6", *samples]},
              {"argv": [*TINY, "--workdir=gs://bucket/run", "--config.train.num_steps=3"]},
              {"argv": [*TINY, "--workdir=gs://bucket/run", "--config.train.num_steps=6"]}]
-    cases = [dict(c, stderr=str(tmp_path / f"stderr_{k}.txt")) for k, c in enumerate(cases)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env.pop("DD_VERBOSE", None)
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(ROOT), str(store), str(log), json.dumps(cases)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_train_commands(cases, tmp_path, timeout=1500, cwd=cwd,
+                                 context=("test_workdir_gcs", "fake_gcs", [str(store), str(log)]))
     for r in results:
         assert r["rc"] == 0, r["stderr"][-3000:]
     assert "resumed from step 3 in gs://bucket/run/checkpoints" in results[2]["stderr"]

@@ -43,42 +43,50 @@ def tiny_batch(batch: int, seed: int = 0) -> dict:
 # `python -m dual_diffusion.train ARGS` for several ARGS in one subprocess: the imports are paid once,
 # then each command runs in a fork (fresh flags, fresh JAX backend) through the same `train.cli`.
 _FORK_DRIVER = r"""
-import json, os, sys
+import contextlib, importlib, json, os, sys
 import jax, ml_collections  # imported once; no backend is started before the forks
 from dual_diffusion import train
 import configs.common
 results = []
-for case in json.loads(sys.argv[1]):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.dup2(w, 1)
-        err = os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(err, 2)
-        os.environ.update(case.get("env", {}))
-        code = 0
-        sys.argv = ["train", *case["argv"]]  # ml_collections reads config overrides from sys.argv
-        try:
-            train.cli(sys.argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            import traceback; traceback.print_exc(); code = 1
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    _, status = os.waitpid(pid, 0)
-    results.append({"rc": os.waitstatus_to_exitcode(status), "stdout": out,
-                    "stderr": open(case["stderr"]).read()})
+wrap = json.loads(sys.argv[2])  # [module, function, args]: a context manager around every command, or null
+ctx = getattr(importlib.import_module(wrap[0]), wrap[1])(*wrap[2]) if wrap else contextlib.nullcontext()
+with ctx:
+    for case in json.loads(sys.argv[1]):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.dup2(w, 1)
+            err = os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(err, 2)
+            os.environ.update(case.get("env", {}))
+            code = 0
+            sys.argv = ["train", *case["argv"]]  # ml_collections reads config overrides from sys.argv
+            try:
+                train.cli(sys.argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                import traceback; traceback.print_exc(); code = 1
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            out = f.read()
+        _, status = os.waitpid(pid, 0)
+        results.append({"rc": os.waitstatus_to_exitcode(status), "stdout": out,
+                        "stderr": open(case["stderr"]).read()})
 print("\n" + json.dumps(results))
 """
 
 
-def run_train_commands(cases: list[dict], tmp_path, timeout: int = 1200) -> list[dict]:
-    """cases: [{"argv": [...], "env": {...}?}] -> [{"rc", "stdout", "stderr"}], in order."""
+def run_train_commands(cases: list[dict], tmp_path, timeout: int = 1200, cwd=None,
+                       context: tuple[str, str, list] | None = None) -> list[dict]:
+    """cases: [{"argv": [...], "env": {...}?}] -> [{"rc", "stdout", "stderr"}], in order.
+
+    context: (module in tests/, function, args): a context manager entered once around all commands
+    (e.g. test_workdir_gcs.fake_gcs). cwd: the commands' working folder (default: the repository).
+    """
     import json
     import os
     import subprocess
@@ -87,10 +95,11 @@ def run_train_commands(cases: list[dict], tmp_path, timeout: int = 1200) -> list
 
     root = Path(__file__).resolve().parents[1]
     cases = [dict(c, stderr=str(Path(tmp_path) / f"stderr_{k}.txt")) for k, c in enumerate(cases)]
-    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu",
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8")
     env.pop("DD_VERBOSE", None)
-    proc = subprocess.run([sys.executable, "-c", _FORK_DRIVER, json.dumps(cases)], cwd=root, env=env,
+    proc = subprocess.run([sys.executable, "-c", _FORK_DRIVER, json.dumps(cases), json.dumps(context)],
+                          cwd=root if cwd is None else cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
