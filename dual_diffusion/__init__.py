@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 
 def load_pretrained(path, **kwargs):
-    """Loads a converted checkpoint or a training workdir; see dual_diffusion.pretrained."""
-    from dual_diffusion.pretrained import load_pretrained as _load
+    """Loads a converted checkpoint or a training workdir; see dual_diffusion.checkpoints.pretrained."""
+    from dual_diffusion.checkpoints.pretrained import load_pretrained as _load
 
     return _load(path, **kwargs)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from dual_diffusion.cli import UsageError, run_command
 from dual_diffusion.diffusion.image_sampling import GRIDS
-from dual_diffusion.pipelines import DECODINGS, IMAGE_LATENTS
+from dual_diffusion.inference.pipelines import DECODINGS, IMAGE_LATENTS
 
 SUITES = ("shapes", "coco_captions", "vqav2", "geneval")
 PRESETS = ("demo",)
@@ -125,7 +125,7 @@ def _check(args) -> None:
 
 def _ckpt_path(checkpoint: str):
     """--checkpoint as an etils.epath.Path (gs:// kept as it is; imported here: Orbax loads slowly)."""
-    from dual_diffusion.training.checkpointing import workdir_path
+    from dual_diffusion.checkpoints.paths import workdir_path
 
     return workdir_path(checkpoint)
 
@@ -157,12 +157,12 @@ def resolve_settings(args) -> dict:
     """
     import dataclasses
 
-    from dual_diffusion.pipelines import TEXT_STEPS, ImageOptions, TextOptions
+    from dual_diffusion.inference.pipelines import TEXT_STEPS, ImageOptions, TextOptions
 
     out = dict(DEFAULTS, image_opts=ImageOptions(), caption_opts=TextOptions(steps=TEXT_STEPS["caption"]),
                vqa_opts=TextOptions(steps=TEXT_STEPS["vqa"]), text_length=None, image_size=None)
     if args.preset:
-        from dual_diffusion.eval_suites import training_suite_settings
+        from dual_diffusion.evaluation.suites import training_suite_settings
 
         config = preset_config(args.preset, args.checkpoint)
         try:
@@ -231,13 +231,13 @@ def default_out_dir(checkpoint: str | None) -> Path:
 
 
 def _model_scores(args) -> dict:
-    from dual_diffusion import eval_suites as suites
+    from dual_diffusion.evaluation import suites
     from dual_diffusion.models.configs import Runtime
-    from dual_diffusion.pipelines import Pipeline
-    from dual_diffusion.pretrained import load_pretrained
+    from dual_diffusion.inference.pipelines import Pipeline
+    from dual_diffusion.checkpoints.pretrained import load_pretrained
 
     if args.suite == "coco_captions":
-        suites.eval_metrics.require_pycocoevalcap()  # before the model loads and captions are generated
+        suites.metrics.require_pycocoevalcap()  # before the model loads and captions are generated
     prompts = suites.read_geneval_prompts(args.prompts) if args.suite == "geneval" else None
     st = resolve_settings(args)
     try:
@@ -282,7 +282,7 @@ def _describe(st: dict) -> dict:
 
 def run(args) -> dict:
     """The scores; also written to OUT/scores.{json,md} (module docstring)."""
-    from dual_diffusion import eval_suites as suites
+    from dual_diffusion.evaluation import suites
 
     _check(args)
     if args.oracle:
@@ -292,7 +292,7 @@ def run(args) -> dict:
     else:
         try:
             scores = _model_scores(args)
-        except (suites.EvalDataError, suites.eval_metrics.MissingPackageError) as e:
+        except (suites.EvalDataError, suites.metrics.MissingPackageError) as e:
             raise UsageError(str(e)) from None
     if args.suite != "geneval" and (args.out_dir or not args.oracle):
         out = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint)

@@ -29,7 +29,7 @@ import numpy as np
 
 from dual_diffusion.cli import UsageError, run_command
 from dual_diffusion.diffusion.image_sampling import GRIDS
-from dual_diffusion.pipelines import DECODINGS, IMAGE_LATENTS, TEXT_STEPS
+from dual_diffusion.inference.pipelines import DECODINGS, IMAGE_LATENTS, TEXT_STEPS
 
 TASKS = ("t2i", "caption", "vqa", "inpaint")
 
@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_image(path: str, size: int) -> np.ndarray:
     """uint8 (size, size, 3): RGB, shorter side resized (bicubic, antialiased), center crop."""
-    from dual_diffusion.eval_suites import EvalDataError
-    from dual_diffusion.eval_suites import read_image as read
+    from dual_diffusion.evaluation.suites import EvalDataError
+    from dual_diffusion.evaluation.suites import read_image as read
 
     try:
         return read(Path(path), size)
@@ -117,7 +117,7 @@ def _batches(items: list, size: int, desc: str):
 
 
 def _check(args) -> None:
-    from dual_diffusion.training.checkpointing import workdir_path
+    from dual_diffusion.checkpoints.paths import workdir_path
 
     if not workdir_path(args.checkpoint).is_dir():  # pathlib would turn gs://b/x into the local gs:/b/x
         raise UsageError(f"--checkpoint={args.checkpoint}: no such folder")
@@ -141,7 +141,7 @@ def _check(args) -> None:
 
 def text_options(args):
     """TextOptions of a caption / VQA run: the flags, else the release's steps for the task."""
-    from dual_diffusion.pipelines import TextOptions
+    from dual_diffusion.inference.pipelines import TextOptions
 
     return TextOptions(steps=args.steps or TEXT_STEPS["caption" if args.task == "caption" else "vqa"],
                        method=args.sampler, temperature=args.temperature, min_new_tokens=args.min_new_tokens,
@@ -151,8 +151,8 @@ def text_options(args):
 def run(args) -> dict:
     """Does the task; returns what was written (paths and/or texts)."""
     _check(args)
-    from dual_diffusion.pipelines import ImageOptions, Pipeline
-    from dual_diffusion.pretrained import load_pretrained
+    from dual_diffusion.inference.pipelines import ImageOptions, Pipeline
+    from dual_diffusion.checkpoints.pretrained import load_pretrained
 
     try:
         bundle = load_pretrained(args.checkpoint)

@@ -48,17 +48,6 @@ class _StopFlag:
         self.requested = True
 
 
-def _maybe_initialize_distributed(jax) -> None:
-    """Multi-host runs (every host runs this same command) join one JAX cluster; single host: nothing."""
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):  # explicit (launch/gpu_multihost.sh)
-        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                                   num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-    elif (env.get("DD_DISTRIBUTED") == "1" or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-          or int(env.get("DD_NUM_PROCESSES", "1")) > 1):
-        jax.distributed.initialize()  # TPU pod / Slurm: JAX finds the cluster by itself
-
-
 class TrainingStopped(Exception):
     """The run stopped itself (too many skipped updates): one line, exit status 1."""
 
@@ -150,7 +139,7 @@ def main(argv):
     del argv
     import jax
 
-    from dual_diffusion import sharding
+    from dual_diffusion import distributed, sharding
     from dual_diffusion.cli import UsageError
     from dual_diffusion.training import checkpointing, config_check, plan_io
     from dual_diffusion.training.metrics import MetricsWriter, Throughput, console, progress_line
@@ -160,14 +149,14 @@ def main(argv):
     config = FLAGS.config
     if config is None:
         raise UsageError("--config is required (--config=configs/<name>.py[:variant])")
-    if FLAGS.topology or FLAGS.find_max_batch:  # compile for a TPU slice from this host: training/compile_report.py
-        from dual_diffusion.training import compile_report
+    if FLAGS.topology or FLAGS.find_max_batch:  # compile for a TPU slice from this host: aot/compile_report.py
+        from dual_diffusion.aot import compile_report
         _quiet_logs()
         sys.exit(compile_report.main(config, FLAGS.topology, dry_run=FLAGS.dry_run, find_max=FLAGS.find_max_batch))
     if not FLAGS.dry_run and not FLAGS.workdir:
         raise UsageError("--workdir is required (unless --dry_run)")
     _quiet_logs()
-    _maybe_initialize_distributed(jax)
+    distributed.initialize_from_env()
 
     # ---- mesh (every config error, data sources included, is found before the workdir is touched)
     config_check.check_config(config, jax.device_count(), dry_run=FLAGS.dry_run)
@@ -182,7 +171,7 @@ def main(argv):
     tokenizer = plan_io.get_tokenizer(config, workdir, dry_run=FLAGS.dry_run)
     bundle = None
     if config.init_from and not FLAGS.dry_run:
-        from dual_diffusion.pretrained import load_pretrained
+        from dual_diffusion.checkpoints.pretrained import load_pretrained
         try:
             bundle = load_pretrained(config.init_from, runtime=plan_io.runtime_of(config), mesh=mesh, rules=rules,
                                      components=plan_io.components_of(config))

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 import dual_diffusion  # noqa: F401  (NNX sharding flag)
-from dual_diffusion import eval_metrics, eval_suites, evaluate
+from dual_diffusion import evaluate
+from dual_diffusion.evaluation import metrics, suites
 from dual_diffusion.data import shapes, shapes_eval
-from dual_diffusion.pipelines import ImageOptions, Pipeline, TextOptions
+from dual_diffusion.inference.pipelines import ImageOptions, Pipeline, TextOptions
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_IMAGES, FAST_TEXT = ImageOptions(steps=2), TextOptions(steps=4)
@@ -51,14 +52,14 @@ def _values(scores: dict) -> list:
 
 def test_shapes_suite_on_random_model(tiny):
     pipe, states = tiny
-    scores = eval_suites.shapes_suite(pipe, states, per_category=1, num_captions=3, num_vqa=3, batch_size=2,
+    scores = suites.shapes_suite(pipe, states, per_category=1, num_captions=3, num_vqa=3, batch_size=2,
                                       image_opts=FAST_IMAGES, text_opts=FAST_TEXT, caption_length=12,
                                       progress=False)
     assert set(scores["t2i"]) == set(shapes_eval.CATEGORIES) | {"overall"}
     assert {"exact_match", "attribute_accuracy"} <= set(scores["captions"]) and "accuracy" in scores["vqa"]
     values = _values(scores)
     assert values and all(0.0 <= v <= 1.0 for v in values), scores
-    table = eval_suites.markdown_table(scores)
+    table = suites.markdown_table(scores)
     assert "| t2i / overall |" in table and "| vqa / accuracy |" in table and "caption_examples" not in table
 
 
@@ -85,7 +86,7 @@ class _OraclePipeline:
 
 def test_shapes_suite_keeps_outputs_aligned_through_padded_batches(tiny):
     # 3 per category * 6 categories = 18 prompts, 7 captions, 5 questions: none a multiple of 4.
-    scores = eval_suites.shapes_suite(_OraclePipeline(tiny[0], 1234, 3), None, per_category=3, num_captions=7,
+    scores = suites.shapes_suite(_OraclePipeline(tiny[0], 1234, 3), None, per_category=3, num_captions=7,
                                       num_vqa=5, batch_size=4, progress=False)
     assert min(_values(scores)) == 1.0, scores
 
@@ -102,24 +103,24 @@ def test_shapes_suite_keeps_outputs_aligned_through_padded_batches(tiny):
     ("green", ["red"] * 10, 0.0),
 ])
 def test_vqa_accuracy_official_cases(pred, humans, expected):
-    assert eval_metrics.vqa_accuracy(pred, humans) == pytest.approx(expected)
+    assert metrics.vqa_accuracy(pred, humans) == pytest.approx(expected)
 
 
 def test_vqa_normalisation():
-    norm = eval_metrics.vqa_normalize
+    norm = metrics.vqa_normalize
     assert norm("  The Two dogs!\n") == "2 dogs"
     assert norm("black and white") == "black and white"
     assert norm("t-shirt") == "t shirt" and norm("- no") == "no"  # spaced vs touching punctuation
     assert norm("10,000") == "10000" and norm("couldnt've") == "couldn't've"
-    scores = eval_metrics.vqa_scores(["yes", "3"], [["yes"] * 10, ["two"] * 10], ["yes/no", "number"])
+    scores = metrics.vqa_scores(["yes", "3"], [["yes"] * 10, ["two"] * 10], ["yes/no", "number"])
     assert scores == {"accuracy": 0.5, "n": 2, "accuracy_number": 0.0, "accuracy_yes_no": 1.0}
 
 
 def test_coco_tokenize_and_missing_package(monkeypatch):
-    assert eval_metrics.coco_tokenize("A man's T-shirt, (red)!") == "a man 's t-shirt red"
+    assert metrics.coco_tokenize("A man's T-shirt, (red)!") == "a man 's t-shirt red"
     monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # behaves as not installed
-    with pytest.raises(eval_metrics.MissingPackageError, match="pycocoevalcap"):
-        eval_metrics.cider_score({1: ["a cat"]}, {1: "a cat"})
+    with pytest.raises(metrics.MissingPackageError, match="pycocoevalcap"):
+        metrics.cider_score({1: ["a cat"]}, {1: "a cat"})
 
 
 def test_coco_and_vqav2_suites_read_files(tiny, tmp_path):
@@ -133,7 +134,7 @@ def test_coco_and_vqav2_suites_read_files(tiny, tmp_path):
     (tmp_path / "caps.json").write_text(json.dumps(caps))
     seen = {}
     scorer = lambda refs, preds: seen.update(refs=refs, preds=preds) or {"CIDEr": 0.0}  # noqa: E731
-    scores = eval_suites.coco_captions_suite(pipe, states, annotations=tmp_path / "caps.json", images_dir=tmp_path,
+    scores = suites.coco_captions_suite(pipe, states, annotations=tmp_path / "caps.json", images_dir=tmp_path,
                                              batch_size=4, text_opts=FAST_TEXT, caption_length=8, scorer=scorer,
                                              progress=False)
     assert scores["CIDEr"] == 0.0 and seen["refs"] == {7: ["a cat", "one cat"], 42: ["a dog"]}
@@ -144,12 +145,12 @@ def test_coco_and_vqav2_suites_read_files(tiny, tmp_path):
                             "answers": [{"answer": "red"}] * 10}]}
     (tmp_path / "q.json").write_text(json.dumps(qs))
     (tmp_path / "a.json").write_text(json.dumps(ann))
-    scores = eval_suites.vqav2_suite(pipe, states, questions=tmp_path / "q.json", annotations=tmp_path / "a.json",
+    scores = suites.vqav2_suite(pipe, states, questions=tmp_path / "q.json", annotations=tmp_path / "a.json",
                                      images_dir=tmp_path, batch_size=4, text_opts=FAST_TEXT, progress=False)
     assert scores["n"] == 1 and 0.0 <= scores["accuracy"] <= 1.0 and "accuracy_other" in scores
     (tmp_path / "COCO_val2014_000000000042.jpg").write_bytes(b"not an image")
-    with pytest.raises(eval_suites.EvalDataError, match="000000000042"):
-        eval_suites.vqav2_suite(pipe, states, questions=tmp_path / "q.json", annotations=tmp_path / "a.json",
+    with pytest.raises(suites.EvalDataError, match="000000000042"):
+        suites.vqav2_suite(pipe, states, questions=tmp_path / "q.json", annotations=tmp_path / "a.json",
                                 images_dir=tmp_path, text_opts=FAST_TEXT, progress=False)
 
 
@@ -158,9 +159,9 @@ def test_geneval_folder_layout(tiny, tmp_path):
     records = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a red circle"},
                {"tag": "two_object", "prompt": "a blue square and a green triangle"}]
     (tmp_path / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    prompts = eval_suites.read_geneval_prompts(tmp_path / "meta.jsonl")
+    prompts = suites.read_geneval_prompts(tmp_path / "meta.jsonl")
     out = tmp_path / "geneval"
-    result = eval_suites.geneval_suite(pipe, states, prompts=prompts, out_dir=out, samples_per_prompt=3,
+    result = suites.geneval_suite(pipe, states, prompts=prompts, out_dir=out, samples_per_prompt=3,
                                        batch_size=4, image_opts=FAST_IMAGES, progress=False)
     assert result["images"] == 6 and sorted(p.name for p in out.iterdir()) == ["00000", "00001"]
     for index, record in enumerate(records):
@@ -169,8 +170,8 @@ def test_geneval_folder_layout(tiny, tmp_path):
         assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png"]
         assert Image.open(folder / "samples" / "0000.png").size == (32, 32)
     (tmp_path / "bad.jsonl").write_text('{"tag": "x"}\n')
-    with pytest.raises(eval_suites.EvalDataError, match="bad.jsonl:1"):
-        eval_suites.read_geneval_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(suites.EvalDataError, match="bad.jsonl:1"):
+        suites.read_geneval_prompts(tmp_path / "bad.jsonl")
 
 
 def _cli(*argv):
@@ -245,7 +246,7 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
     evaluation does (same options, seed, sizes, counts, batch), reading them from WORKDIR/config.json."""
     from types import SimpleNamespace
 
-    from dual_diffusion import pretrained
+    from dual_diffusion.checkpoints import pretrained
     from dual_diffusion.training import samples as training_samples
 
     sys.path.insert(0, str(REPO))
@@ -256,7 +257,7 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     calls = []
-    monkeypatch.setattr(eval_suites, "shapes_suite",
+    monkeypatch.setattr(suites, "shapes_suite",
                         lambda pipeline, states, **kw: calls.append((pipeline, kw)) or {"suite": "shapes"})
     graphdefs = {"transformer": None, "text_encoder": None}
     trainer = training_samples.Sampler(config, SimpleNamespace(split=SimpleNamespace(graphdefs=graphdefs)),
@@ -292,7 +293,7 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
 def test_release_decoding_resolves_the_release_protocol():
     """--release-decoding: ancestral, 64 caption / 32 VQA steps, a posterior draw as the image, the release's
     decoding; the defaults differ only in decoding and image latents; explicit flags override."""
-    from dual_diffusion.pipelines import ImageOptions
+    from dual_diffusion.inference.pipelines import ImageOptions
 
     parse = lambda *a: evaluate.resolve_settings(evaluate.parse_args(["--checkpoint", "x", *a]))  # noqa: E731
     release = parse("--suite=vqav2", "--release-decoding")
@@ -311,7 +312,7 @@ def test_pipeline_applies_the_decoding_option(tiny):
     """Captions and answers are decode_text of the sampled ids under the option's decoding."""
     import dataclasses
 
-    from dual_diffusion.pipelines import decode_text
+    from dual_diffusion.inference.pipelines import decode_text
 
     pipe, states = tiny
     images = shapes_eval.caption_eval_set(0, 2, 32).images

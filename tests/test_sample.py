@@ -129,7 +129,7 @@ def shapes_tok(tmp_path_factory):
 def test_decodings_on_a_known_sequence(shapes_tok):
     """first_eos cuts at the first EOS; "release" is the release's code run on transformers' tokenizer:
     captions `decode(ids).replace('</s>', '')`, VQA `text[:text.find('</s>')]`."""
-    from dual_diffusion.pipelines import decode_text
+    from dual_diffusion.inference.pipelines import decode_text
 
     tok, hf = shapes_tok
     first, second = tok.encode("a red circle"), tok.encode("two blue squares")  # each ends with EOS
@@ -152,7 +152,7 @@ def test_text_row_lengths_resolved_per_checkpoint():
     a workdir's own length when shorter, an explicit length everywhere; prompts keep 256 / the trained length."""
     from types import SimpleNamespace
 
-    from dual_diffusion.pipelines import Pipeline
+    from dual_diffusion.inference.pipelines import Pipeline
 
     graphdefs = {"transformer": None, "text_encoder": None}
 
@@ -169,8 +169,8 @@ def test_text_row_lengths_resolved_per_checkpoint():
 def test_release_text_defaults_on_converted_checkpoint(checkpoint):
     """No --text-length / --steps: captions 128 tokens 64 steps, VQA 128 tokens 32 steps, t2i 256 / 28,
     whatever length the converted model trained at."""
-    from dual_diffusion.pipelines import Pipeline
-    from dual_diffusion.pretrained import load_pretrained
+    from dual_diffusion.inference.pipelines import Pipeline
+    from dual_diffusion.checkpoints.pretrained import load_pretrained
 
     pipe = Pipeline.from_bundle(load_pretrained(checkpoint / "dst", components=("transformer", "text_encoder")))
     assert (pipe.text_length, pipe.caption_text_length, pipe.vqa_text_length) == (256, 128, 128)
@@ -187,8 +187,8 @@ def test_image_condition_mean_or_posterior_draw(checkpoint):
     import jax
 
     from dual_diffusion.models.vae import sample_posterior
-    from dual_diffusion.pipelines import Pipeline, to_float
-    from dual_diffusion.pretrained import load_pretrained
+    from dual_diffusion.inference.pipelines import Pipeline, to_float
+    from dual_diffusion.checkpoints.pretrained import load_pretrained
 
     bundle = load_pretrained(checkpoint / "dst")
     pipe = Pipeline.from_bundle(bundle, image_size=32)

@@ -1,4 +1,4 @@
-"""Compiling for a TPU slice from this host (training/topology.py, compile_report.py, hlo_collectives.py).
+"""Compiling for a TPU slice from this host (aot/topology.py, compile_report.py, hlo_collectives.py).
 
 Tests marked `tpu` need libtpu (`pip install -e ".[tpu]"`); without it they skip, unless
 DD_REQUIRE_LIBTPU=1 (CI), where they fail.
@@ -19,8 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dual_diffusion import flops
 from dual_diffusion.models.configs import MMDiTConfig, T5Config
-from dual_diffusion.training import compile_report, topology
-from dual_diffusion.training.hlo_collectives import collective_bytes, count_pallas_kernels, shape_bytes
+from dual_diffusion.aot import compile_report, topology
+from dual_diffusion.aot.hlo_collectives import collective_bytes, count_pallas_kernels, shape_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024 ** 3

@@ -20,7 +20,7 @@ import pytest
 import dual_diffusion  # noqa: F401
 from flax import nnx
 
-from dual_diffusion.pretrained import load_pretrained
+from dual_diffusion.checkpoints.pretrained import load_pretrained
 from dual_diffusion.training.checkpointing import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -90,7 +90,7 @@ def _log_rows(log: Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- fast: helpers, metrics, samples
 def test_workdir_path_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):
-    from dual_diffusion.training.checkpointing import is_local, workdir_path
+    from dual_diffusion.checkpoints.paths import is_local, workdir_path
 
     monkeypatch.chdir(tmp_path)
     assert os.fspath(workdir_path("gs://bucket/run")) == "gs://bucket/run"
@@ -291,7 +291,7 @@ def test_training_on_a_gcs_workdir_resumes_exactly_and_loads(tmp_path):
     assert (straight / "samples/step_6_images.png").stat().st_size > 0
     assert len(json.loads((straight / "samples/step_6_captions.json").read_text())["captions"]) == 4
 
-    from dual_diffusion.pretrained import load_pretrained
+    from dual_diffusion.checkpoints.pretrained import load_pretrained
     from flax import nnx
 
     with fake_gcs(store):

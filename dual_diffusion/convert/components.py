@@ -189,7 +189,7 @@ def restore_numpy(directory: Path, paths: list[Path_]) -> dict[Path_, np.ndarray
 
 def _folder(path):
     """A converted folder as an etils.epath.Path: local made absolute (Orbax), gs:// kept as it is."""
-    from dual_diffusion.training.checkpointing import workdir_path
+    from dual_diffusion.checkpoints.paths import workdir_path
 
     return workdir_path(path)
 

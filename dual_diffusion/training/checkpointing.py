@@ -14,7 +14,7 @@ complete step that fails to restore (a damaged file) is moved aside to
 checkpoints/<step>.damaged once an older step restores (`restore_latest`).
 
 A workdir is local or a URL (gs://bucket/run): every path of it is an etils.epath.Path
-(`workdir_path`), which Orbax, TensorStore and the lease take as they are. gs:// needs
+(`checkpoints.paths.workdir_path`), which Orbax, TensorStore and the lease take as they are. gs:// needs
 `gcsfs` installed (epath's backend for it); Orbax writes the arrays through TensorStore's
 own GCS driver. On object stores Orbax marks a complete step with a commit file instead of
 a rename, with the same guarantee.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from dual_diffusion.checkpoints.paths import atomic_write, is_local, workdir_path
 from dual_diffusion.cli import UsageError
 
 DAMAGED_SUFFIX = ".damaged"
@@ -39,28 +39,6 @@ DAMAGED_SUFFIX = ".damaged"
 
 class CheckpointError(UsageError):
     """No checkpoint of the workdir restores, or the workdir itself is unusable (reported as one line)."""
-
-
-def is_local(path: str | os.PathLike) -> bool:
-    """False for a URL (gs://bucket/x, s3://...), True for a path on a local (or mounted) disk."""
-    return "://" not in os.fspath(path)
-
-
-def workdir_path(path: str | os.PathLike) -> epath.Path:
-    """A workdir or checkpoint folder as an epath.Path: a URL as it is (pathlib would turn `gs://b/x` into
-    the local folder `gs:/b/x`), a local path made absolute (Orbax takes absolute paths only)."""
-    path = os.fspath(path)
-    return epath.Path(path if not is_local(path) else os.path.abspath(path))
-
-
-def local_copy(path: epath.Path) -> Path:
-    """`path` itself when it is local, else a copy in a new local temporary folder (for readers such as
-    SentencePiece that only open local files)."""
-    if is_local(path):
-        return Path(os.fspath(path))
-    local = Path(tempfile.mkdtemp(prefix="dual_diffusion_")) / path.name
-    local.write_bytes(path.read_bytes())
-    return local
 
 
 def _grain_args(data_iter, restore: bool):
@@ -244,11 +222,3 @@ def write_workdir_json(workdir: str | os.PathLike, config, model_json: dict[str,
     atomic_write(model_file, json.dumps(model_json, indent=2, sort_keys=True))
     atomic_write(path / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
     logging.info("wrote %s and config.json", model_file)
-
-
-def atomic_write(path: epath.Path, text: str) -> None:
-    """Writes `text` to a temporary name next to `path`, then renames it over `path` (on an object store the
-    rename is a copy: readers still see either the old or the new object, never a partial one)."""
-    tmp = path.parent / f"{path.name}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from dual_diffusion.cli import UsageError
-from dual_diffusion.training.checkpointing import atomic_write, is_local, workdir_path
+from dual_diffusion.checkpoints.paths import atomic_write, is_local, workdir_path
 
 
 class MetricsFileError(UsageError):

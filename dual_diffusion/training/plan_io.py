@@ -15,6 +15,7 @@ from absl import logging
 
 from dual_diffusion import sharding
 from dual_diffusion.models.configs import Runtime
+from dual_diffusion.checkpoints import paths
 from dual_diffusion.training import checkpointing
 from dual_diffusion.training.state import Plan
 
@@ -25,7 +26,7 @@ VOCAB_FROM_TOKENIZER = -1
 def get_tokenizer(config, workdir, dry_run: bool = False):
     """The run's tokenizer; the demo trains its own into WORKDIR/tokenizer (deterministic) on first use.
 
-    `workdir`: a local path or an epath (checkpointing.workdir_path). SentencePiece reads and writes local files only:
+    `workdir`: a local path or an epath (paths.workdir_path). SentencePiece reads and writes local files only:
     for a gs:// workdir the model is trained into a local temporary folder and copied into the workdir,
     and read back through a local copy; `model_file` (what model.json records) stays the workdir's file.
     Multi-host: process 0 trains it, the others wait at a barrier before opening the file.
@@ -39,7 +40,7 @@ def get_tokenizer(config, workdir, dry_run: bool = False):
     if config.tokenizer.train_corpus == "shapes":
         if dry_run:
             return None
-        model_file, local = workdir / "tokenizer" / "spiece.model", checkpointing.is_local(workdir)
+        model_file, local = workdir / "tokenizer" / "spiece.model", paths.is_local(workdir)
         if not model_file.exists():
             from dual_diffusion.data.shapes import shapes_captions_corpus
             if jax.process_index() == 0:
@@ -58,7 +59,7 @@ def get_tokenizer(config, workdir, dry_run: bool = False):
             multihost_utils.sync_global_devices("dual_diffusion:tokenizer_written")
         if local:
             return Tokenizer(model_file)
-        tokenizer = Tokenizer(checkpointing.local_copy(model_file))
+        tokenizer = Tokenizer(paths.local_copy(model_file))
         tokenizer.model_file = model_file  # what model.json records: the workdir's file, not the local copy
         return tokenizer
     return None if dry_run else Tokenizer(config.tokenizer.model_file)

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from flax.nnx import traversals
 
-from dual_diffusion.eval_suites import training_sample_options
-from dual_diffusion.pipelines import Pipeline
-from dual_diffusion.training.checkpointing import workdir_path
+from dual_diffusion.evaluation.suites import training_sample_options
+from dual_diffusion.inference.pipelines import Pipeline
+from dual_diffusion.checkpoints.paths import workdir_path
 from dual_diffusion.training.state import Plan
 
 
@@ -72,7 +72,7 @@ class Sampler:
 
     def shapes_suite(self, state, frozen) -> dict:
         """Scores on the built-in shapes world: t2i (per category), caption attributes, VQA accuracy."""
-        from dual_diffusion.eval_suites import shapes_suite, training_suite_settings
+        from dual_diffusion.evaluation.suites import shapes_suite, training_suite_settings
 
         return shapes_suite(self.pipeline, self.states(state, frozen), **training_suite_settings(self.config),
                             progress=jax.process_index() == 0)  # tqdm bars on stderr

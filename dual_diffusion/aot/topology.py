@@ -3,7 +3,7 @@
 `topology_devices("v5p-64")` returns the 32 TPU devices of that slice on any
 host (a CPU-only one included) once libtpu is installed (`pip install -e ".[tpu]"`);
 `jit(...).lower(...).compile()` over a mesh of them gives XLA's real TPU program,
-memory analysis and out-of-memory errors (training/compile_report.py).
+memory analysis and out-of-memory errors (aot/compile_report.py).
 
 Cloud names count TensorCores for v4 and v5p (two per chip, megacore: v5p-8 is
 4 chips) and chips for v5e / v5litepod and v6e. libtpu names count chips

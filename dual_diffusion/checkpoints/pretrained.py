@@ -27,7 +27,7 @@ from flax import nnx
 from dual_diffusion.convert import components as comp
 from dual_diffusion.models.configs import Runtime
 from dual_diffusion.tokenizer import Tokenizer
-from dual_diffusion.training.checkpointing import local_copy, workdir_path
+from dual_diffusion.checkpoints.paths import local_copy, workdir_path
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from dual_diffusion import eval_metrics
-from dual_diffusion.pipelines import ImageOptions, Pipeline, States, TextOptions
+from dual_diffusion.evaluation import metrics
+from dual_diffusion.inference.pipelines import ImageOptions, Pipeline, States, TextOptions
 
 
 class EvalDataError(ValueError):
@@ -176,7 +176,7 @@ def _field(record: Mapping, key: str, where: str):
 def coco_captions_suite(pipeline: Pipeline, states: States, *, annotations: Path, images_dir: Path,
                         max_images: int | None = None, batch_size: int = 16, seed: int = 0,
                         text_opts: TextOptions = TextOptions(), caption_length: int | None = None,
-                        scorer: Callable[[Mapping, Mapping], dict] = eval_metrics.cider_score,
+                        scorer: Callable[[Mapping, Mapping], dict] = metrics.cider_score,
                         progress: bool = True) -> dict:
     """Captions of COCO images (captions_val2014.json layout) scored by `scorer` (CIDEr-D)."""
     data = read_json(annotations, "COCO caption annotations")
@@ -205,7 +205,7 @@ def coco_captions_suite(pipeline: Pipeline, states: States, *, annotations: Path
 def vqav2_suite(pipeline: Pipeline, states: States, *, questions: Path, annotations: Path, images_dir: Path,
                 max_questions: int | None = None, batch_size: int = 16, seed: int = 0,
                 text_opts: TextOptions = TextOptions(), progress: bool = True) -> dict:
-    """VQAv2 accuracy (eval_metrics.vqa_accuracy) on the questions + annotations files (official JSON layout)."""
+    """VQAv2 accuracy (metrics.vqa_accuracy) on the questions + annotations files (official JSON layout)."""
     qs = read_json(questions, "VQAv2 questions")
     ann = read_json(annotations, "VQAv2 annotations")
     if not isinstance(qs, dict) or "questions" not in qs:
@@ -232,7 +232,7 @@ def vqav2_suite(pipeline: Pipeline, states: States, *, questions: Path, annotati
     answers = [by_qid[int(q["question_id"])] for q in rows]
     humans = [[h["answer"] for h in _field(a, "answers", str(annotations))] for a in answers]
     types = [a.get("answer_type", "other") for a in answers]
-    return {"suite": "vqav2", "image_size": size, **eval_metrics.vqa_scores(preds, humans, types),
+    return {"suite": "vqav2", "image_size": size, **metrics.vqa_scores(preds, humans, types),
             "answer_examples": [{"question": q["question"], "generated": p, "humans": h[:3]}
                                 for q, p, h in zip(rows[:3], preds, humans)]}
 

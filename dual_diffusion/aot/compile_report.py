@@ -19,8 +19,8 @@ import re
 import sys
 import time
 
-from dual_diffusion.training.hlo_collectives import COLLECTIVE_KINDS, collective_bytes, count_pallas_kernels
-from dual_diffusion.training.topology import GiB, Slice, TopologyError, slice_info, topology_devices
+from dual_diffusion.aot.hlo_collectives import COLLECTIVE_KINDS, collective_bytes, count_pallas_kernels
+from dual_diffusion.aot.topology import GiB, Slice, TopologyError, slice_info, topology_devices
 
 
 # --------------------------------------------------------------------------- compile the train step

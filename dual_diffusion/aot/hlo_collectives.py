@@ -3,7 +3,7 @@
 `collective_bytes(hlo, num_devices)` sums, per chip and per run of the program, the
 bytes of all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute,
 counting an op inside a while loop (scanned layers, the microbatch scan) once per
-trip, nested loops multiplied. Used by training/compile_report.py.
+trip, nested loops multiplied. Used by aot/compile_report.py.
 """
 from __future__ import annotations
 

@@ -1,0 +1,3 @@
+"""Ahead-of-time compilation for TPU slices from any host: Cloud TPU names -> libtpu devices
+(topology.py), per-chip memory / collectives / FLOPs of a compiled program (compile_report.py,
+hlo_collectives.py). Used by `train --dry_run --topology=...`."""
