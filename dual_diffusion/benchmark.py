@@ -29,11 +29,14 @@ a clean figure (launch/bench_gpu.sh does).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import json
 import math
+import os
+import signal
 import time
 
 from absl import app, flags, logging
@@ -73,6 +76,10 @@ flags.DEFINE_integer("vqa_steps", 16, "VQA sampling steps.")
 flags.DEFINE_enum("frozen_dtype", "compute", ["compute", "float32", "bfloat16"],
                   "dtype of the frozen weights (T5); 'compute': runtime.dtype (they are cast to it on use anyway).")
 flags.DEFINE_integer("data_workers", 2, "Worker processes for --what=data.")
+flags.DEFINE_integer("pause_pgid", 0, "A process group to SIGSTOP while timing and SIGCONT after (a job sharing "
+                     "the accelerator in the same sitting); 0: none.")
+flags.DEFINE_string("profile_dir", "", "Trace 2 more calls of every measurement into DIR/<measurement> "
+                    "(jax.profiler, perfetto JSON; tools/trace_summary.py DIR lists the top ops).")
 
 WHATS = ("train", "t2i", "caption", "vqa", "data")
 DEFAULT_BATCHES = {"train": (4,), "t2i": (1, 4), "caption": (1, 8), "vqa": (1, 8), "data": (32,)}
@@ -214,17 +221,63 @@ def compiled_memory_gib(compiled) -> float | None:
     return total / 2 ** 30
 
 
-def time_calls(call, iters: int, warmup: int):
-    """Seconds per call and the last output; `call()` returns device arrays."""
-    out = None
-    for _ in range(warmup):
-        out = call()
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    for _ in range(iters):
-        out = call()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / max(iters, 1), out
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How every measurement is timed: `warmup` untimed calls after compiling, then `iters` timed calls
+    ending in block_until_ready.
+
+    pause_pgid: a process group stopped (SIGSTOP) while warming up and timing, and continued after: a job
+      sharing the accelerator in the same sitting (launch/gpu_sitting.py's demo training) never runs inside
+      a timed window; it runs while this process compiles.
+    trace_dir: after timing, `trace_calls` more calls are traced with jax.profiler into
+      trace_dir/<measurement> (perfetto JSON; `python tools/trace_summary.py DIR` lists the top ops).
+    """
+
+    iters: int = 5
+    warmup: int = 2
+    pause_pgid: int = 0
+    trace_dir: str = ""
+    trace_calls: int = 2
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        if not self.pause_pgid:
+            yield
+            return
+        os.killpg(self.pause_pgid, signal.SIGSTOP)
+        try:
+            time.sleep(1.0)  # what the stopped job had already queued on the device drains
+            yield
+        finally:
+            os.killpg(self.pause_pgid, signal.SIGCONT)
+
+    def measure(self, name: str, call):
+        """(seconds per call, the last output); `call()` returns device arrays."""
+        out = None
+        with self.exclusive():
+            for _ in range(self.warmup):
+                out = call()
+            jax.block_until_ready(out)
+            start = time.perf_counter()
+            for _ in range(self.iters):
+                out = call()
+            jax.block_until_ready(out)
+            sec = (time.perf_counter() - start) / max(self.iters, 1)
+            if self.trace_dir:
+                with jax.profiler.trace(os.path.join(self.trace_dir, name), create_perfetto_trace=True):
+                    for _ in range(self.trace_calls):
+                        out = call()
+                    jax.block_until_ready(out)
+        return sec, out
+
+
+def device_memory_limit_gib() -> float | None:
+    """What the device's allocator may hand out (None where the backend does not say)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # some backends do not implement it
+        return None
+    return stats["bytes_limit"] / 2 ** 30 if "bytes_limit" in stats else None
 
 
 def row(bench: Bench, what: str, batch: int, sec: float, flops: int, compiled, compile_sec: float,
@@ -238,8 +291,12 @@ def row(bench: Bench, what: str, batch: int, sec: float, flops: int, compiled, c
 
 
 # --------------------------------------------------------------------------- measurements
-def bench_train(bench: Bench, batch: int, iters: int, warmup: int) -> dict:
-    """The dual-loss train step on `batch` pairs per half (random latents and ids, all labels counted)."""
+def bench_train(bench: Bench, batch: int, timing: Timing) -> dict:
+    """The dual-loss train step on `batch` pairs per half (random latents and ids, all labels counted).
+
+    A step whose compiled memory exceeds the device's allocator limit is not run: its row says
+    `fits: false` with both figures (the largest batch that fits is found without crashing).
+    """
     c, plan = bench.config, bench.plan
     loss_cfg = LossConfig.from_config(c.loss, mask_id=bench.mask_id, null_id=bench.eos_id)
     B, L = batch, bench.text_length
@@ -254,6 +311,10 @@ def bench_train(bench: Bench, batch: int, iters: int, warmup: int) -> dict:
                            ema_decay=float(c.ema.decay))
     state, frozen = bench.train_state()
     compiled, compile_sec = compile_ahead(step, state, frozen, batch_tree)
+    need, limit = compiled_memory_gib(compiled), device_memory_limit_gib()
+    if need is not None and limit is not None and need > limit:
+        return dict(what="train", batch=B, fits=False, xla_mem_gib=need, limit_gib=limit, compile_sec=compile_sec,
+                    **bench.facts)
     holder = {"state": state}
     del state
 
@@ -261,11 +322,12 @@ def bench_train(bench: Bench, batch: int, iters: int, warmup: int) -> dict:
         holder["state"], metrics = compiled(holder["state"], frozen, batch_tree)  # state is donated
         return holder["state"], metrics
 
-    sec, (_, metrics) = time_calls(call, iters, warmup)
+    sec, (_, metrics) = timing.measure(f"train_b{B}", call)
     if not bool(jax.device_get(metrics["finite"])):
         logging.warning("train step: non-finite loss with random weights (%s)", jax.device_get(metrics["loss"]))
     n = flops.train_step(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, L)
     out = row(bench, "train", B, sec, n, compiled, compile_sec, samples_per_sec=B / sec)
+    out["fits"] = True
     out["naive_3x_flops"] = flops.naive_train_step(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, L)
     return out
 
@@ -277,7 +339,7 @@ def _images_fn(params, frozen, ids, null_ids, noise, *, bench: Bench, steps: int
     return sample_images(velocity, noise, t5(ids), t5(null_ids), steps=steps, cfg_scale=cfg_scale)
 
 
-def bench_t2i(bench: Bench, batch: int, iters: int, warmup: int, weights, steps: int, cfg_scale: float) -> dict:
+def bench_t2i(bench: Bench, batch: int, timing: Timing, weights, steps: int, cfg_scale: float) -> dict:
     B, L = batch, bench.text_length
     k = jax.random.split(jax.random.key(2), 2)
     ids = jax.device_put(bench.random_ids(k[0], (B, L)), bench.batch_sharding(2))
@@ -285,7 +347,7 @@ def bench_t2i(bench: Bench, batch: int, iters: int, warmup: int, weights, steps:
     noise = jax.device_put(bench.random_latents(k[1], B), bench.batch_sharding(4))
     fn = jax.jit(functools.partial(_images_fn, bench=bench, steps=steps, cfg_scale=cfg_scale))
     compiled, compile_sec = compile_ahead(fn, *weights, ids, null_ids, noise)
-    sec, _ = time_calls(lambda: compiled(*weights, ids, null_ids, noise), iters, warmup)
+    sec, _ = timing.measure(f"t2i_b{B}", lambda: compiled(*weights, ids, null_ids, noise))
     n = flops.text_to_image(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, L, steps, cfg_scale != 1.0)
     out = row(bench, "t2i", B, sec, n, compiled, compile_sec, images_per_sec=B / sec)
     out.update(steps=steps, cfg_scale=cfg_scale)
@@ -302,7 +364,7 @@ def _text_fn(params, frozen, latents, ids, fixed, rng, *, bench: Bench, method: 
                        return_stats=True)
 
 
-def bench_text(bench: Bench, what: str, batch: int, iters: int, warmup: int, weights, *, length: int,
+def bench_text(bench: Bench, what: str, batch: int, timing: Timing, weights, *, length: int,
                prompt_tokens: int, steps: int, method: str) -> dict:
     """Caption (prompt_tokens = 0) or VQA: `length` tokens, the first `prompt_tokens` fixed."""
     if not 0 <= prompt_tokens < length:
@@ -316,7 +378,7 @@ def bench_text(bench: Bench, what: str, batch: int, iters: int, warmup: int, wei
     rng = jax.random.key(4)
     fn = jax.jit(functools.partial(_text_fn, bench=bench, method=method, steps=steps))
     compiled, compile_sec = compile_ahead(fn, *weights, latents, ids, fixed, rng)
-    sec, (_, stats) = time_calls(lambda: compiled(*weights, latents, ids, fixed, rng), iters, warmup)
+    sec, (_, stats) = timing.measure(f"{what}_{method}_b{B}", lambda: compiled(*weights, latents, ids, fixed, rng))
     nfe = int(jax.device_get(stats["nfe"]))  # same every call: same inputs and key
     n = flops.image_to_text(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, length, nfe)
     generated = length - prompt_tokens
@@ -372,12 +434,15 @@ class Options:
     vqa_steps: int = 16
     frozen_dtype: str = "compute"
     data_workers: int = 2
+    pause_pgid: int = 0
+    profile_dir: str = ""
 
 
 def run(config, whats, batch_text: str = "", opts: Options = Options(), emit=None) -> list[dict]:
     """Runs the measurements in order; returns (and passes each to `emit`) one dict per measurement."""
     bench = Bench(config, opts.image_size, opts.text_length, opts.frozen_dtype)
-    it, weights, rows = (opts.iters, opts.warmup), None, []
+    timing = Timing(opts.iters, opts.warmup, opts.pause_pgid, opts.profile_dir)
+    weights, rows = None, []
     for what in whats:
         for b in parse_batches(batch_text, what):
             if what != "data":
@@ -387,14 +452,14 @@ def run(config, whats, batch_text: str = "", opts: Options = Options(), emit=Non
             if what == "data":
                 out = bench_data(bench, b, opts.data_workers)
             elif what == "train":
-                out = bench_train(bench, b, *it)
+                out = bench_train(bench, b, timing)
             elif what == "t2i":
-                out = bench_t2i(bench, b, *it, weights, opts.t2i_steps, opts.cfg_scale)
+                out = bench_t2i(bench, b, timing, weights, opts.t2i_steps, opts.cfg_scale)
             elif what == "caption":
-                out = bench_text(bench, "caption", b, *it, weights, length=opts.caption_length, prompt_tokens=0,
+                out = bench_text(bench, "caption", b, timing, weights, length=opts.caption_length, prompt_tokens=0,
                                  steps=opts.caption_steps, method=opts.sampler)
             else:
-                out = bench_text(bench, "vqa", b, *it, weights, length=bench.text_length,
+                out = bench_text(bench, "vqa", b, timing, weights, length=bench.text_length,
                                  prompt_tokens=opts.vqa_prompt_tokens, steps=opts.vqa_steps, method=opts.sampler)
             rows.append(out)
             if emit is not None:
