@@ -25,6 +25,14 @@ the checkpoint's eval/ folder when writable, else the current folder (geneval
 writes only its image folders, which GenEval's scorer walks). The oracle
 scores ground-truth renders: every number should be 1.0 (>= 0.99) from 32 px.
 Bad arguments print `error: ...` and exit 2, without a traceback.
+
+At scale: the model runs on a mesh of every device of every process (--mesh_data /
+--mesh_fsdp / --mesh_tensor, defaults as in `sample`); on several hosts every process
+runs the same command and only process 0 writes and prints. Items stream in global
+batches of --batch_size with a progress bar (items/s, ETA); scores.json records each
+part's items/s. OUT/partial_<suite>.jsonl holds every finished batch's results: a killed
+run, restarted with the same settings (batch size and mesh may change), skips what it
+holds; when the run completes it becomes OUT/items_<suite>.jsonl (one result per item).
 """
 from __future__ import annotations
 
@@ -88,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("max_questions", type=int, help="vqav2: first N questions by id")
     add("prompts", help="geneval: evaluation_metadata.jsonl")
     add("samples_per_prompt", type=int, default=4, help="geneval: images per prompt")
+    for axis in ("data", "fsdp", "tensor"):  # where it runs: inference/sharded.py
+        add(f"mesh_{axis}", type=int, help="mesh size (default: every device on data, weights replicated when "
+                                           "they fit, else sharded over the fewest fsdp devices that hold them)")
     return p.parse_args(argv)
 
 
@@ -230,26 +241,51 @@ def default_out_dir(checkpoint: str | None) -> Path:
     return Path.cwd()
 
 
-def _model_scores(args) -> dict:
+# Settings that change how the items are computed, not what they are: a partial run may resume under others.
+EXECUTION_SETTINGS = ("batch_size", "mesh_data", "mesh_fsdp", "mesh_tensor", "out_dir")
+
+
+def _model_scores(args) -> dict | None:
+    from dual_diffusion import distributed
+    from dual_diffusion.checkpoints.paths import is_local
     from dual_diffusion.evaluation import suites
-    from dual_diffusion.models.configs import Runtime
+    from dual_diffusion.evaluation.stream import PartialResults, ResumeError
+    from dual_diffusion.inference import sharded
     from dual_diffusion.inference.pipelines import Pipeline
-    from dual_diffusion.checkpoints.pretrained import load_pretrained
+    from dual_diffusion.models.configs import Runtime
 
     if args.suite == "coco_captions":
         suites.metrics.require_pycocoevalcap()  # before the model loads and captions are generated
     prompts = suites.read_geneval_prompts(args.prompts) if args.suite == "geneval" else None
     st = resolve_settings(args)
+    distributed.initialize_from_env()
     try:
-        bundle = load_pretrained(args.checkpoint, Runtime(dtype=st["dtype"]))
+        bundle, mesh, choice = sharded.load_on_mesh(args.checkpoint, Runtime(dtype=st["dtype"]),
+                                                    data=args.mesh_data, fsdp=args.mesh_fsdp, tensor=args.mesh_tensor)
+    except sharded.MeshError as e:
+        raise UsageError(str(e)) from None
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
-    pipe = Pipeline.from_bundle(bundle, image_size=st["image_size"], text_length=st["text_length"])
+    pipe = Pipeline.from_bundle(bundle, image_size=st["image_size"], text_length=st["text_length"], mesh=mesh)
     image_opts, caption_opts, vqa_opts = st["image_opts"], st["caption_opts"], st["vqa_opts"]
     if st["caption_length"] and st["caption_length"] > pipe.caption_text_length:
         raise UsageError(f"--caption_length={st['caption_length']} exceeds the caption rows' "
                          f"{pipe.caption_text_length} tokens")
-    common = dict(batch_size=st["batch_size"], seed=st["seed"])
+    settings = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    settings.update(_describe(st), image_size=pipe.image_size, text_length=pipe.text_length,
+                    caption_text_length=pipe.caption_text_length, vqa_text_length=pipe.vqa_text_length)
+    out = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint)
+    journal = None
+    if is_local(out):
+        try:
+            journal = PartialResults.open(out / f"partial_{args.suite}.jsonl", dict(
+                {k: v for k, v in settings.items() if k not in EXECUTION_SETTINGS}, step=bundle.info.get("step")))
+        except (ResumeError, OSError) as e:
+            raise UsageError(str(e)) from None
+    elif sharded.is_main():
+        print(f"warning: results go to {out}, an object store: no partial results file, so an interrupted run "
+              "starts over (give a local --out_dir to resume)", file=sys.stderr)
+    common = dict(batch_size=st["batch_size"], seed=st["seed"], journal=journal)
     if args.suite == "shapes":
         scores = suites.shapes_suite(pipe, bundle.states, per_category=st["per_category"],
                                      num_captions=st["num_captions"], num_vqa=st["num_vqa"], image_opts=image_opts,
@@ -266,11 +302,12 @@ def _model_scores(args) -> dict:
     else:
         scores = suites.geneval_suite(pipe, bundle.states, prompts=prompts, out_dir=args.out_dir,
                                       samples_per_prompt=args.samples_per_prompt, image_opts=image_opts, **common)
-    settings = {k: v for k, v in vars(args).items() if v is not None and v is not False}
-    settings.update(_describe(st), image_size=pipe.image_size, text_length=pipe.text_length,
-                    caption_text_length=pipe.caption_text_length, vqa_text_length=pipe.vqa_text_length)
-    return dict(scores, checkpoint=args.checkpoint, step=bundle.info.get("step"),
-                text_length=pipe.text_length, settings=settings)
+    if journal is not None:
+        journal.close(out / f"items_{args.suite}.jsonl")
+    if not sharded.is_main():
+        return None
+    return dict(scores, checkpoint=args.checkpoint, step=bundle.info.get("step"), text_length=pipe.text_length,
+                mesh=sharded.describe_mesh(mesh, choice), settings=settings, out_dir=str(out))
 
 
 def _describe(st: dict) -> dict:
@@ -294,8 +331,10 @@ def run(args) -> dict:
             scores = _model_scores(args)
         except (suites.EvalDataError, suites.metrics.MissingPackageError) as e:
             raise UsageError(str(e)) from None
+        if scores is None:  # not the reporting process of a multi-host run
+            return None
+    out = Path(scores.pop("out_dir", None) or args.out_dir or default_out_dir(args.checkpoint))
     if args.suite != "geneval" and (args.out_dir or not args.oracle):
-        out = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint)
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         title = f"{scores['suite']}: {args.checkpoint or 'oracle'}"

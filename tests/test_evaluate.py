@@ -74,13 +74,13 @@ class _OraclePipeline:
         self.vqa_text_length = real.vqa_text_length
         self.scenes = {s.prompt: s.scene for s in shapes_eval.t2i_prompt_set(seed, per_category)}
 
-    def text_to_image(self, states, prompts, *, seed, opts):
+    def text_to_image(self, states, prompts, *, seed, indices, opts):
         return np.stack([shapes.render(self.scenes[p], self.image_size) for p in prompts])
 
-    def caption(self, states, images, *, seed, length, opts):
+    def caption(self, states, images, *, seed, indices, length, opts):
         return [shapes.list_caption(shapes_eval.scene_from_image(im)) for im in images]
 
-    def answer(self, states, images, questions, *, seed, opts):
+    def answer(self, states, images, questions, *, seed, indices, opts):
         return [shapes_eval.answer_from_image(im, q) for im, q in zip(images, questions)]
 
 
@@ -246,7 +246,10 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
     evaluation does (same options, seed, sizes, counts, batch), reading them from WORKDIR/config.json."""
     from types import SimpleNamespace
 
-    from dual_diffusion.checkpoints import pretrained
+    import jax
+
+    from dual_diffusion.inference import sharded
+    from dual_diffusion.sharding import make_mesh
     from dual_diffusion.training import samples as training_samples
 
     sys.path.insert(0, str(REPO))
@@ -267,11 +270,14 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
     bundle = SimpleNamespace(info={"step": 1600, "image_size": 32, "text_length": 32}, configs={},
                              graphdefs=graphdefs, tokenizer=None, states={})
     runtimes = []
-    monkeypatch.setattr(pretrained, "load_pretrained", lambda path, runtime: runtimes.append(runtime) or bundle)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    monkeypatch.setattr(sharded, "load_on_mesh", lambda path, runtime, **mesh_flags: runtimes.append(runtime)
+                        or (bundle, mesh, sharded.MeshChoice(1, 1, 1, "one device")))
     assert evaluate.main(["--checkpoint", str(workdir), "--suite=shapes", "--preset=demo",
                           "--out_dir", str(tmp_path / "out")]) == 0
     (train_pipe, train_kw), (eval_pipe, eval_kw) = calls
     assert eval_kw.pop("vqa_opts") == train_kw["text_opts"] and eval_kw.pop("caption_length") is None
+    assert eval_kw.pop("journal").path == tmp_path / "out" / "partial_shapes.jsonl"  # resume: no effect on items
     train_kw.pop("progress", None)  # display only
     assert eval_kw == train_kw
     for size in ("image_size", "text_length", "caption_text_length", "vqa_text_length"):

@@ -29,6 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from dual_diffusion.diffusion import row_keys
 from dual_diffusion.diffusion.masked import Schedule
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -42,8 +43,9 @@ METHODS = ("ancestral", "confidence", "semi_ar")
 
 
 def gumbel_argmax(rng: jax.Array, log_probs: jax.Array) -> jax.Array:
-    """One exact draw per row of float32 log-probs (..., V) -> int32 (...)."""
-    g = jax.random.gumbel(rng, log_probs.shape, jnp.float32, mode="highest")
+    """One exact draw per row of float32 log-probs (..., V) -> int32 (...); rng: one key or one per row."""
+    g = row_keys.draw(rng, lambda key, shape: jax.random.gumbel(key, shape, jnp.float32, mode="highest"),
+                      log_probs.shape)
     return jnp.argmax(log_probs.astype(jnp.float32) + g, axis=-1).astype(jnp.int32)
 
 
@@ -101,9 +103,9 @@ def ancestral_update(rng: jax.Array, x_BxL: jax.Array, log_probs_BxLxV: jax.Arra
     and otherwise takes a draw from p(x0). Drawing the two parts separately is exact and
     keeps the tiny probabilities in log space.
     """
-    rng_tok, rng_rev = jax.random.split(rng)
+    rng_tok, rng_rev = row_keys.split(rng)
     cand = jnp.argmax(log_probs_BxLxV, -1).astype(jnp.int32) if greedy else gumbel_argmax(rng_tok, log_probs_BxLxV)
-    reveal = (x_BxL == mask_id) & free_BxL & (jax.random.uniform(rng_rev, x_BxL.shape) >= stay_prob)
+    reveal = (x_BxL == mask_id) & free_BxL & (row_keys.draw(rng_rev, jax.random.uniform, x_BxL.shape) >= stay_prob)
     return jnp.where(reveal, cand, x_BxL)
 
 
@@ -125,6 +127,8 @@ def sample_text(logits_fn: LogitsFn, ids_BxL: jax.Array, fixed_BxL: jax.Array, r
     logits_fn(ids_BxL) -> logits (B, L, V): the network closure (T5 + MM-DiT + image).
     fixed_BxL: True where the caller's id is kept (prompt); every other position
       starts as `mask_id` and is generated.
+    rng: one key, or one per row (B,): then each row draws from its own key only
+      (diffusion/row_keys.py), so its text does not depend on the rest of the batch.
     method:
       "ancestral"  the release's MDLM sampler on the grid linspace(1, t_min, steps + 1):
                    each masked token is revealed with probability 1 - move(s)/move(t)
@@ -188,7 +192,7 @@ def sample_text(logits_fn: LogitsFn, ids_BxL: jax.Array, fixed_BxL: jax.Array, r
         return ancestral_update(rng, x, lp, free, stay, mask_id, greedy=temperature == 0), n0
 
     def confidence_step(i, x, lp, n0, rng):
-        rng_tok, rng_conf = jax.random.split(rng)
+        rng_tok, rng_conf = row_keys.split(rng)
         seg, j = i // seg_steps, i % seg_steps
         eligible = (x == mask_id) & free & ((block_id == seg) if method == "semi_ar" else True)
         n_now = jnp.sum(eligible, axis=1)
@@ -200,7 +204,7 @@ def sample_text(logits_fn: LogitsFn, ids_BxL: jax.Array, fixed_BxL: jax.Array, r
             top2 = jax.lax.top_k(lp, 2)[0]
             score = jnp.exp(top2[..., 0]) - jnp.exp(top2[..., 1])
         else:
-            score = jax.random.uniform(rng_conf, x.shape)
+            score = row_keys.draw(rng_conf, jax.random.uniform, x.shape)
         score = jnp.where(eligible, score, -jnp.inf)
         last = j == seg_steps - 1
         if threshold is None:
@@ -233,7 +237,7 @@ def sample_text(logits_fn: LogitsFn, ids_BxL: jax.Array, fixed_BxL: jax.Array, r
     def body(state):
         i, x, lp, valid, n0, nfe, key = state
         lp, nfe = jax.lax.cond(valid, lambda: (lp, nfe), lambda: (predict(x), nfe + 1))
-        key, sub = jax.random.split(key)
+        key, sub = row_keys.split(key)
         x_new, n0 = jax.lax.cond(i < steps, step, fill, i, x, lp, n0, sub)
         # Prediction caching: the next step reuses lp unless a token changed.
         return i + 1, x_new, lp, ~jnp.any(x_new != x), n0, nfe, key

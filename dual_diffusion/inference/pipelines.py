@@ -14,6 +14,13 @@ Caption and VQA rows have their own lengths: the release's 128 tokens, or the
 length the model trained at when shorter (`Pipeline.from_bundle`); their default
 steps are the release's, TEXT_STEPS. Generated ids become text by one of
 DECODINGS (`decode_text`).
+
+Randomness is per item: row i of a call draws its noise, tokens and posterior sample from
+fold_in(key(seed), indices[i]) (diffusion/row_keys.py; indices default to 0..B-1), so an
+item's output depends on the seed and its index only, not on its batch or on how the batch
+is split. With a `mesh` every call runs on it (inference/sharded.py): rows padded to a
+multiple of the batch shards and split over them, activations pinned by the logical rules,
+each process feeding its own rows and every process receiving the whole result.
 """
 from __future__ import annotations
 
@@ -25,10 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dual_diffusion import sharding
 from dual_diffusion.data.text_layout import vqa_layout
+from dual_diffusion.diffusion import row_keys
 from dual_diffusion.diffusion.image_sampling import GRIDS, sample_images
 from dual_diffusion.diffusion.masked import Schedule
 from dual_diffusion.diffusion.text_sampling import sample_text
+from dual_diffusion.inference import sharded
 from dual_diffusion.tokenizer import Tokenizer
 
 States = Mapping[str, Any]  # {"transformer", "text_encoder"[, "vae"]} -> nnx.State
@@ -115,9 +125,10 @@ def decode_text(tokenizer: Tokenizer, ids: Sequence[int], *, task: str = "captio
     raise ValueError(f"decode_text: task={task!r}; expected 'caption' or 'vqa'")
 
 
-def to_uint8(images_BxHxWx3) -> np.ndarray:
-    """[-1, 1] float images -> uint8."""
-    return np.asarray(jnp.clip((jnp.asarray(images_BxHxWx3) + 1.0) * 127.5, 0, 255).round()).astype(np.uint8)
+def _uint8(images_BxHxWx3) -> jax.Array:
+    """[-1, 1] float images -> uint8 (traced)."""
+    return jnp.clip((images_BxHxWx3 + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8)
+
 
 
 def to_float(images_uint8) -> jax.Array:
@@ -131,12 +142,14 @@ class Pipeline:
     graphdefs: "transformer", "text_encoder" and, unless latents are pixels, "vae".
     text_length: L of prompt rows (text to image, in-painting); caption_text_length and
     vqa_text_length: L of caption and VQA rows (default text_length); image_size: side
-    of generated images.
+    of generated images. mesh, rules: where the calls run (inference/sharded.py; the
+    states must live on the same mesh); None: the default device, inputs placed by jit.
     """
 
     def __init__(self, graphdefs: Mapping[str, nnx.GraphDef], tokenizer: Tokenizer, *, text_length: int,
                  image_size: int, vae_shift: float = 0.0, vae_scale: float = 1.0,
-                 caption_text_length: int | None = None, vqa_text_length: int | None = None):
+                 caption_text_length: int | None = None, vqa_text_length: int | None = None,
+                 mesh: jax.sharding.Mesh | None = None, rules: Sequence | None = None):
         missing = {"transformer", "text_encoder"} - set(graphdefs)
         if missing:
             raise KeyError(f"Pipeline: networks {sorted(missing)} missing; have {sorted(graphdefs)}")
@@ -146,12 +159,17 @@ class Pipeline:
         self.caption_text_length = int(caption_text_length or text_length)
         self.vqa_text_length = int(vqa_text_length or text_length)
         self.vae_shift, self.vae_scale = float(vae_shift), float(vae_scale)
-        self._images = jax.jit(self._images_fn, static_argnames=("opts",))
+        self.mesh = mesh
+        self.rules = tuple(tuple(r) for r in (rules or sharding.DEFAULT_RULES)) if mesh is not None else None
+        self.batch_multiple = sharded.batch_multiple(mesh, self.rules)
+        self._latent_shape: tuple[int, ...] | None = None
+        self._images = jax.jit(self._images_fn, static_argnames=("opts", "latent_shape"))
         self._text = jax.jit(self._text_fn, static_argnames=("opts",))
         self._encode = jax.jit(self._encode_fn)
 
     @classmethod
-    def from_bundle(cls, bundle, *, image_size: int | None = None, text_length: int | None = None) -> "Pipeline":
+    def from_bundle(cls, bundle, *, image_size: int | None = None, text_length: int | None = None,
+                    mesh: jax.sharding.Mesh | None = None, rules: Sequence | None = None) -> "Pipeline":
         """A pipeline over `load_pretrained`'s networks.
 
         Sizes default to what a training workdir trained at, else the release's
@@ -159,7 +177,7 @@ class Pipeline:
         tokens whatever the training length (capped at a workdir's trained length,
         which a from-scratch model's text position table may not exceed). An explicit
         `text_length` sets every row length. Returns the pipeline; pass `bundle.states`
-        to its calls.
+        to its calls (loaded with the same `mesh` and `rules`).
         """
         info = bundle.info
         trained = info.get("text_length")
@@ -169,7 +187,7 @@ class Pipeline:
         vae = bundle.configs.get("vae")
         return cls(bundle.graphdefs, bundle.tokenizer, text_length=text_length, image_size=image_size,
                    vae_shift=vae.shift_factor if vae else 0.0, vae_scale=vae.scaling_factor if vae else 1.0,
-                   caption_text_length=task_length, vqa_text_length=task_length)
+                   caption_text_length=task_length, vqa_text_length=task_length, mesh=mesh, rules=rules)
 
     # ---- pure pieces (traced)
     def _nets(self, states: States):
@@ -184,30 +202,44 @@ class Pipeline:
 
     def _image_condition(self, vae, images, rng, image_latents: str):
         """(latents, rng) of the clean image a caption / answer is conditioned on: the posterior mean,
-        or ("sample", as the release) a posterior draw, with the key it used split off rng."""
+        or ("sample", as the release) a posterior draw, with the key it used split off rng (one key,
+        or one per row)."""
         if vae is None or image_latents == "mean":
             return self._to_latents(vae, images), rng
         from dual_diffusion.models.vae import sample_posterior
 
         mean, logvar = vae.encode_moments(images)
-        rng, key = jax.random.split(rng)
-        return (sample_posterior(mean, logvar, key) - self.vae_shift) * self.vae_scale, rng
+        rng, key = row_keys.split(rng)
+        draw = jax.vmap(sample_posterior) if row_keys.per_row(key) else sample_posterior
+        return (draw(mean, logvar, key) - self.vae_shift) * self.vae_scale, rng
 
     def _encode_fn(self, states, images):
         return self._to_latents(self._nets(states)[2], images)
 
-    def _images_fn(self, states, ids, null_ids, noise, known, known_mask, *, opts: ImageOptions):
+    def _images_fn(self, states, seed, indices, ids, null_ids, known_uint8, keep_masks, *, opts: ImageOptions,
+                   latent_shape: tuple[int, ...]):
         mmdit, t5, vae = self._nets(states)
         velocity = lambda x, hidden, t: mmdit(x, hidden, t)[0]
-        inpaint = {} if known is None else dict(inpaint_mask=known_mask,
-                                                known_latents=self._to_latents(vae, known))
+        keys = row_keys.item_keys(seed, indices)
+        noise = row_keys.draw(keys, lambda key, shape: jax.random.normal(key, shape, jnp.float32),
+                              (ids.shape[0],) + latent_shape)
+        inpaint = {} if known_uint8 is None else dict(inpaint_mask=self._latent_mask(keep_masks, latent_shape),
+                                                      known_latents=self._to_latents(vae, to_float(known_uint8)))
         latents = sample_images(velocity, noise, t5(ids), t5(null_ids), steps=opts.steps, method=opts.method,
                                 shift=opts.shift, cfg_scale=opts.cfg_scale, grid=opts.grid, **inpaint)
-        return jnp.clip(self._from_latents(vae, latents), -1.0, 1.0)
+        return _uint8(self._from_latents(vae, latents))
 
-    def _text_fn(self, states, images, ids, fixed, rng, *, opts: TextOptions):
+    def _latent_mask(self, keep_masks_BxSxS, latent_shape):
+        """(B, h, w, 1) bool: a latent cell is kept only if all its pixels are."""
+        keep = keep_masks_BxSxS.astype(jnp.float32)[..., None]
+        f = self.image_size // latent_shape[0]
+        keep = -jax.lax.reduce_window(-keep, -jnp.inf, jax.lax.max, (1, f, f, 1), (1, f, f, 1), "VALID")
+        return keep > 0.5
+
+    def _text_fn(self, states, seed, indices, images_uint8, ids, fixed, *, opts: TextOptions):
         mmdit, t5, vae = self._nets(states)
-        clean, rng = self._image_condition(vae, images, rng, opts.image_latents)
+        rng = row_keys.item_keys(seed, indices)
+        clean, rng = self._image_condition(vae, to_float(images_uint8), rng, opts.image_latents)
         t0 = jnp.zeros((ids.shape[0],), jnp.float32)  # the image is clean: timestep 0
         logits_fn = lambda x: mmdit(clean, t5(x), t0)[1]
         uncond = (lambda x: mmdit(None, t5(x), t0)[1]) if opts.cfg_scale != 1.0 else None
@@ -237,45 +269,66 @@ class Pipeline:
 
     def latent_shape(self, states: States) -> tuple[int, ...]:
         """(h, w, c) of one image's latents."""
-        probe = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-        return tuple(jax.eval_shape(self._encode_fn, states, probe).shape[1:])
+        if self._latent_shape is None:
+            probe = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
+            self._latent_shape = tuple(jax.eval_shape(self._encode_fn, states, probe).shape[1:])
+        return self._latent_shape
 
-    # ---- public tasks
-    def text_to_image(self, states: States, prompts: Sequence[str], *, seed: int = 0,
+    # ---- placement: every call's rows padded, split over the mesh, gathered back
+    def _call(self, fn, states: States, seed: int, indices, n: int, rows: Sequence, **static) -> np.ndarray:
+        """fn(states, seed, indices, *rows, **static) on n items; returns the host result's first n rows.
+
+        rows: per-row inputs, each an array, None, or (lazy reader, row shape, dtype) (sharded.put_rows).
+        """
+        take = sharded.padded_rows(n, self.batch_multiple)
+        indices = np.arange(n) if indices is None else np.asarray(indices)
+        if indices.shape != (n,):
+            raise ValueError(f"indices of shape {indices.shape} for {n} rows")
+
+        def put(row):
+            source, shape, dtype = row if isinstance(row, tuple) else (row, None, None)
+            return None if source is None else sharded.put_rows(source, take, self.mesh, self.rules, shape, dtype)
+
+        with sharding.activation_sharding(self.mesh, self.rules):
+            out = fn(states, sharded.put_replicated(np.uint32(seed), self.mesh), put(indices.astype(np.int32)),
+                     *map(put, rows), **static)
+        return sharded.fetch(out)[:n]
+
+    # ---- public tasks. Images: uint8 (B, S, S, 3) arrays, or lazy row readers (`_call`).
+    def text_to_image(self, states: States, prompts: Sequence[str], *, seed: int = 0, indices=None,
                       negative_prompts: Sequence[str] | None = None,
                       opts: ImageOptions = ImageOptions()) -> np.ndarray:
-        """uint8 images (B, S, S, 3) for the prompts; CFG against the empty (or negative) prompt."""
-        ids = self.encode_prompts(prompts)
+        """uint8 images (B, S, S, 3) for the prompts; CFG against the empty (or negative) prompt.
+        Image i starts from noise keyed by (seed, indices[i]) (default indices: 0..B-1)."""
         negative = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-        noise = jax.random.normal(jax.random.key(seed), (len(prompts),) + self.latent_shape(states), jnp.float32)
-        out = self._images(states, ids, self.encode_prompts(negative), noise, None, None, opts=opts)
-        return to_uint8(out)
+        rows = (self.encode_prompts(prompts), self.encode_prompts(negative), None, None)
+        return self._call(self._images, states, seed, indices, len(prompts), rows, opts=opts,
+                          latent_shape=self.latent_shape(states))
 
     def inpaint(self, states: States, images_uint8, keep_masks, prompts: Sequence[str], *, seed: int = 0,
-                opts: ImageOptions = ImageOptions()) -> np.ndarray:
+                indices=None, opts: ImageOptions = ImageOptions()) -> np.ndarray:
         """Regenerates where keep_masks (B, S, S) is False, keeps the rest; uint8 (B, S, S, 3)."""
-        images = to_float(images_uint8)
-        shape = self.latent_shape(states)
-        keep = jnp.asarray(keep_masks, jnp.float32)[..., None]
-        # The mask lives in latent resolution: a latent cell is kept only if all its pixels are.
-        factor = self.image_size // shape[0]
-        keep = -jax.lax.reduce_window(-keep, -jnp.inf, jax.lax.max, (1, factor, factor, 1),
-                                      (1, factor, factor, 1), "VALID")
-        noise = jax.random.normal(jax.random.key(seed), (len(prompts),) + shape, jnp.float32)
-        out = self._images(states, self.encode_prompts(prompts), self.encode_prompts([""] * len(prompts)), noise,
-                           images, keep > 0.5, opts=opts)
-        return to_uint8(out)
+        rows = (self.encode_prompts(prompts), self.encode_prompts([""] * len(prompts)), self._image_rows(images_uint8),
+                np.asarray(keep_masks, bool))
+        return self._call(self._images, states, seed, indices, len(prompts), rows, opts=opts,
+                          latent_shape=self.latent_shape(states))
 
-    def fill_text(self, states: States, images_uint8, ids_BxL, fixed_BxL, *, seed: int = 0,
+    def fill_text(self, states: States, images_uint8, ids_BxL, fixed_BxL, *, seed: int = 0, indices=None,
                   opts: TextOptions = TextOptions()) -> np.ndarray:
-        """Generates the non-fixed positions of ids given the images; (B, L) ids."""
-        out = self._text(states, to_float(images_uint8), jnp.asarray(ids_BxL, jnp.int32),
-                         jnp.asarray(fixed_BxL, bool), jax.random.key(seed), opts=opts)
-        return np.asarray(out)
+        """Generates the non-fixed positions of ids given the images; (B, L) ids. Row i draws from the key
+        of (seed, indices[i]) (default indices: 0..B-1)."""
+        rows = (self._image_rows(images_uint8), np.asarray(ids_BxL, np.int32), np.asarray(fixed_BxL, bool))
+        return self._call(self._text, states, seed, indices, len(ids_BxL), rows, opts=opts)
 
-    def caption(self, states: States, images_uint8, *, seed: int = 0, length: int | None = None,
+    def _image_rows(self, images):
+        """An images argument as `_call` takes it: arrays as they are, a lazy reader with its row shape."""
+        if isinstance(images, (np.ndarray, jax.Array, list, tuple)):
+            return np.asarray(images, np.uint8)
+        return images, (self.image_size, self.image_size, 3), np.uint8
+
+    def caption(self, states: States, images_uint8, *, seed: int = 0, indices=None, length: int | None = None,
                 opts: TextOptions = TextOptions(steps=TEXT_STEPS["caption"])) -> list[str]:
         """Captions of uint8 images (B, S, S, 3) in rows of caption_text_length tokens; `length`
         generated tokens at most (default the whole row, as the release)."""
@@ -287,7 +340,7 @@ class Pipeline:
         ids = np.full((n, L), self.tokenizer.eos_id, np.int32)
         fixed = np.zeros((n, L), bool)
         fixed[:, length:] = True
-        out = self.fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts)
+        out = self.fill_text(states, images_uint8, ids, fixed, seed=seed, indices=indices, opts=opts)
         return self.decode_generated(out, fixed, task="caption", decoding=opts.decoding)
 
     def vqa_rows(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -301,12 +354,12 @@ class Pipeline:
             layouts.append(layout)
         return np.stack([l.text_ids for l in layouts]), np.stack([l.fixed_mask for l in layouts])
 
-    def answer(self, states: States, images_uint8, questions: Sequence[str], *, seed: int = 0,
+    def answer(self, states: States, images_uint8, questions: Sequence[str], *, seed: int = 0, indices=None,
                opts: TextOptions = TextOptions(steps=TEXT_STEPS["vqa"])) -> list[str]:
         """Short answers to one question per image (the release's VQA in-filling layout)."""
         if len(questions) != len(images_uint8):
             raise ValueError(f"{len(questions)} questions for {len(images_uint8)} images")
         ids, fixed = self.vqa_rows(questions)
-        out = self.fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts)
+        out = self.fill_text(states, images_uint8, ids, fixed, seed=seed, indices=indices, opts=opts)
         return self.decode_generated(out, fixed, task="vqa", decoding=opts.decoding)
 
