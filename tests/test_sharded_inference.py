@@ -11,6 +11,7 @@ import pytest
 
 import multihost
 from dual_diffusion import evaluate, sample
+from test_tpu_compile import libtpu  # noqa: F401  (the fixture: skips without libtpu, fails in CI)
 from dual_diffusion.checkpoints.pretrained import load_pretrained
 from dual_diffusion.evaluation import stream, suites
 from dual_diffusion.inference import sharded
@@ -207,3 +208,54 @@ def test_evaluate_and_sample_commands_on_the_mesh(checkpoint, on8, tmp_path, cap
         assert evaluate.main([f"--checkpoint={checkpoint}", *SUITE_FLAGS, *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_dry_run_compiles_sampling_for_a_tpu_slice(checkpoint, libtpu, capsys):
+    """`sample --dry_run --topology=v5e-8`: the caption call compiled for 8 v5e chips with the weights replicated
+    and FSDP-sharded, memory per chip against its HBM, FLOPs per call as flops.py counts them."""
+    from dual_diffusion import flops
+    from dual_diffusion.checkpoints.pretrained import read_configs
+
+    with jax.default_matmul_precision("default"):  # as the command runs (conftest asks for "highest", which
+        # Mosaic refuses for the bfloat16 matmuls of the splash kernel)
+        assert sample.main(["--dry_run", "--topology=v5e-8", "--task=caption", f"--checkpoint={checkpoint}",
+                            "--image-size=16", "--text-length=64", "--steps=4", "--batch-size=5"]) == 0
+    out = capsys.readouterr().out
+    report = _json_output(out)
+    assert (report["chips"], report["device_kind"], report["dtype"]) == (8, "TPU v5 lite", "bfloat16")
+    replicated, fsdp = report["layouts"]
+    assert (replicated["mesh"], fsdp["mesh"]) == ({"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8,
+                                                                                       "tensor": 1})
+    assert replicated["weights_per_chip"] == report["weights_bytes"] > 2 * fsdp["weights_per_chip"]
+    cfg = read_configs(checkpoint)
+    want = flops.image_to_text(cfg["transformer"], cfg["text_encoder"], 8, 8, 64, 5)  # batch 5 -> 8, 4 steps + 1
+    for layout in (replicated, fsdp):
+        assert layout["fits"] and layout["batch_size"] == 8 and layout["analytic_flops_per_chip"] == want // 8
+        assert 0 < layout["xla_memory"]["peak"] < layout["hbm_usable_bytes"] == int(15.75 * GiB)
+        assert layout["pallas_kernels"] > 0  # the MM-DiT's splash attention, as on a TPU
+    assert fsdp["collectives"]["all-gather"]["ops"] > replicated["collectives"]["all-gather"]["ops"]
+    assert report["default_mesh"]["data"] == 8 and "replicated" in report["default_mesh"]["note"]
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}, batch 8: weights" in out
+
+
+def test_dry_run_that_fits_nowhere_is_one_error_line(checkpoint, libtpu, monkeypatch, capsys):
+    from dual_diffusion.aot import compile_report, inference_report
+
+    def out_of_memory(task, configs, runtime, devices, info, sizes, *args):
+        error = compile_report.DoesNotFit(40 * GiB, info.chip.hbm_usable_bytes, "Ran out of memory in hbm")
+        error.report = dict(mesh=dict(zip(("data", "fsdp", "tensor"), sizes)), batch_size=8, weights_per_chip=1,
+                            fits=False, needed_bytes=error.needed)
+        raise error
+
+    monkeypatch.setattr(inference_report, "compile_layout", out_of_memory)
+    argv = ["--dry_run", "--topology=v5e-8", "--task=t2i", f"--checkpoint={checkpoint}", "--image-size=16"]
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: t2i does not fit v5e-8 (15.75 GiB usable per chip)")
+    assert "needs 40.00 GiB" in err and "--batch-size" in err
+    for bad, message in [(["--task=inpaint"], "not inpaint"), (["--topology=v5e-3"], "unknown TPU slice"),
+                         (["--mesh_data=3"], "--mesh_data=3")]:
+        assert sample.main(argv + bad) == 2
+        assert message in capsys.readouterr().err
+    assert sample.main(["--topology=v5e-8", "--task=t2i"]) == 2
+    assert "--dry_run and --topology=NAME" in capsys.readouterr().err

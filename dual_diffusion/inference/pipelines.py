@@ -294,6 +294,27 @@ class Pipeline:
                      *map(put, rows), **static)
         return sharded.fetch(out)[:n]
 
+    def lower(self, task: str, states: States, batch: int, opts) -> jax.stages.Lowered:
+        """One call of `task` ("t2i", "caption", "vqa") on `batch` rows (a multiple of the batch shards),
+        lowered from abstract states and inputs (ShapeDtypeStructs on the mesh): compiled without running
+        by aot/inference_report.py."""
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        def rows(*shape, dtype):
+            split = sharding.batch_sharding(self.mesh, self.rules, len(shape)) if self.mesh else None
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=split)
+
+        seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=NamedSharding(self.mesh, P()) if self.mesh else None)
+        head = (states, seed, rows(batch, dtype=jnp.int32))
+        with sharding.activation_sharding(self.mesh, self.rules):
+            if task == "t2i":
+                ids = rows(batch, self.text_length, dtype=jnp.int32)
+                return self._images.lower(*head, ids, ids, None, None, opts=opts,
+                                          latent_shape=self.latent_shape(states))
+            L = {"caption": self.caption_text_length, "vqa": self.vqa_text_length}[task]
+            return self._text.lower(*head, rows(batch, self.image_size, self.image_size, 3, dtype=jnp.uint8),
+                                    rows(batch, L, dtype=jnp.int32), rows(batch, L, dtype=jnp.bool_), opts=opts)
+
     # ---- public tasks. Images: uint8 (B, S, S, 3) arrays, or lazy row readers (`_call`).
     def text_to_image(self, states: States, prompts: Sequence[str], *, seed: int = 0, indices=None,
                       negative_prompts: Sequence[str] | None = None,
