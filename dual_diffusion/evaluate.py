@@ -280,7 +280,7 @@ def _model_scores(args) -> dict | None:
         try:
             journal = PartialResults.open(out / f"partial_{args.suite}.jsonl", dict(
                 {k: v for k, v in settings.items() if k not in EXECUTION_SETTINGS}, step=bundle.info.get("step")))
-        except (ResumeError, OSError) as e:
+        except ResumeError as e:
             raise UsageError(str(e)) from None
     elif sharded.is_main():
         print(f"warning: results go to {out}, an object store: no partial results file, so an interrupted run "

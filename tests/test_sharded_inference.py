@@ -211,34 +211,34 @@ def test_evaluate_and_sample_commands_on_the_mesh(checkpoint, on8, tmp_path, cap
 
 
 def test_dry_run_compiles_sampling_for_a_tpu_slice(checkpoint, libtpu, capsys):
-    """`sample --dry_run --topology=v5e-8`: the caption call compiled for 8 v5e chips with the weights replicated
-    and FSDP-sharded, memory per chip against its HBM, FLOPs per call as flops.py counts them."""
+    """`sample --dry_run --topology=v5e-8`: the caption call compiled for 8 v5e chips, FSDP weights, memory per
+    chip against its HBM, FLOPs per call as flops.py counts them, and the layout `sample` would pick."""
     from dual_diffusion import flops
     from dual_diffusion.checkpoints.pretrained import read_configs
 
     with jax.default_matmul_precision("default"):  # as the command runs (conftest asks for "highest", which
         # Mosaic refuses for the bfloat16 matmuls of the splash kernel)
         assert sample.main(["--dry_run", "--topology=v5e-8", "--task=caption", f"--checkpoint={checkpoint}",
-                            "--image-size=16", "--text-length=64", "--steps=4", "--batch-size=5"]) == 0
+                            "--image-size=16", "--text-length=64", "--steps=4", "--batch-size=5",
+                            "--mesh_fsdp=8"]) == 0
     out = capsys.readouterr().out
     report = _json_output(out)
     assert (report["chips"], report["device_kind"], report["dtype"]) == (8, "TPU v5 lite", "bfloat16")
-    replicated, fsdp = report["layouts"]
-    assert (replicated["mesh"], fsdp["mesh"]) == ({"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8,
-                                                                                       "tensor": 1})
-    assert replicated["weights_per_chip"] == report["weights_bytes"] > 2 * fsdp["weights_per_chip"]
+    (layout,) = report["layouts"]
+    assert layout["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} == {k: report["default_mesh"][k] for k in
+                                                                     ("data", "fsdp", "tensor")}
+    assert report["weights_bytes"] > 4 * layout["weights_per_chip"] > 0  # most of each weight is sharded
     cfg = read_configs(checkpoint)
     want = flops.image_to_text(cfg["transformer"], cfg["text_encoder"], 8, 8, 64, 5)  # batch 5 -> 8, 4 steps + 1
-    for layout in (replicated, fsdp):
-        assert layout["fits"] and layout["batch_size"] == 8 and layout["analytic_flops_per_chip"] == want // 8
-        assert 0 < layout["xla_memory"]["peak"] < layout["hbm_usable_bytes"] == int(15.75 * GiB)
-        assert layout["pallas_kernels"] > 0  # the MM-DiT's splash attention, as on a TPU
-    assert fsdp["collectives"]["all-gather"]["ops"] > replicated["collectives"]["all-gather"]["ops"]
-    assert report["default_mesh"]["data"] == 8 and "replicated" in report["default_mesh"]["note"]
-    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}, batch 8: weights" in out
+    assert layout["fits"] and layout["batch_size"] == 8 and layout["analytic_flops_per_chip"] == want // 8
+    assert 0 < layout["xla_memory"]["peak"] < layout["hbm_usable_bytes"] == int(15.75 * GiB)
+    assert layout["pallas_kernels"] > 0  # the MM-DiT's splash attention, as on a TPU
+    assert layout["collectives"]["all-gather"]["ops"] > 0  # the FSDP weights are gathered
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}, batch 8: weights" in out and "at peak bf16" in out
 
 
 def test_dry_run_that_fits_nowhere_is_one_error_line(checkpoint, libtpu, monkeypatch, capsys):
+    """Each layout reports what it needs; when none fits, one `error:` line."""
     from dual_diffusion.aot import compile_report, inference_report
 
     def out_of_memory(task, configs, runtime, devices, info, sizes, *args):
@@ -250,7 +250,10 @@ def test_dry_run_that_fits_nowhere_is_one_error_line(checkpoint, libtpu, monkeyp
     monkeypatch.setattr(inference_report, "compile_layout", out_of_memory)
     argv = ["--dry_run", "--topology=v5e-8", "--task=t2i", f"--checkpoint={checkpoint}", "--image-size=16"]
     assert sample.main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    out, err = capsys.readouterr()
+    assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, batch 8: weights" in out  # without mesh flags: both layouts
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}, batch 8: weights" in out and out.count("does not fit") == 2
+    err = err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: t2i does not fit v5e-8 (15.75 GiB usable per chip)")
     assert "needs 40.00 GiB" in err and "--batch-size" in err
     for bad, message in [(["--task=inpaint"], "not inpaint"), (["--topology=v5e-3"], "unknown TPU slice"),

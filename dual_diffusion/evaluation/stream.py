@@ -31,6 +31,9 @@ import numpy as np
 from dual_diffusion.inference.sharded import broadcast_text, is_main
 
 
+_FAILED = "\0failed: "  # what the main process broadcasts instead of the file when it cannot use it
+
+
 class ResumeError(ValueError):
     """A partial results file that cannot be continued; the message says why and what to do."""
 
@@ -48,12 +51,18 @@ class PartialResults:
         settings = json.loads(json.dumps(settings))  # as it reads back from the file
         text = ""
         if is_main():
-            text = _valid_lines(path, settings) if path.exists() else json.dumps({"settings": settings}) + "\n"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)  # the dropped half-line is gone before anything is appended
-        lines = broadcast_text(text).splitlines()
+            try:
+                text = _valid_lines(path, settings) if path.exists() else json.dumps({"settings": settings}) + "\n"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, path)  # the dropped half-line is gone before anything is appended
+            except (ResumeError, OSError) as e:  # every process must hear of it, or the others wait forever
+                text = _FAILED + str(e)
+        text = broadcast_text(text)
+        if text.startswith(_FAILED):
+            raise ResumeError(text[len(_FAILED):])
+        lines = text.splitlines()
         done: dict[str, dict[int, Any]] = {}
         for line in lines[1:]:
             record = json.loads(line)

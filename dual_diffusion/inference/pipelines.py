@@ -289,9 +289,9 @@ class Pipeline:
             source, shape, dtype = row if isinstance(row, tuple) else (row, None, None)
             return None if source is None else sharded.put_rows(source, take, self.mesh, self.rules, shape, dtype)
 
+        seed = sharded.put_replicated(np.uint32(seed % 2 ** 32), self.mesh)
         with sharding.activation_sharding(self.mesh, self.rules):
-            out = fn(states, sharded.put_replicated(np.uint32(seed), self.mesh), put(indices.astype(np.int32)),
-                     *map(put, rows), **static)
+            out = fn(states, seed, put(indices.astype(np.int32)), *map(put, rows), **static)
         return sharded.fetch(out)[:n]
 
     def lower(self, task: str, states: States, batch: int, opts) -> jax.stages.Lowered:
