@@ -81,7 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--mesh-{axis}", f"--mesh_{axis}", type=int, dest=f"mesh_{axis}",
                        help="mesh size (default: every device on data, weights replicated when they fit, else "
                             "sharded over the fewest fsdp devices that hold them)")
-    p.add_argument("--dry_run", "--dry-run", action="store_true", help="with --topology: compile only")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--param-dtype", "--param_dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype the weights are held in (bfloat16: half the memory per device)")
+    p.add_argument("--dry_run", "--dry-run", action="store_true",
+                   help="with --topology: compile only (in bfloat16 whatever --dtype / --param-dtype say)")
     p.add_argument("--topology", help="a Cloud TPU slice to compile for, e.g. v5e-8 (needs --dry_run)")
     return p.parse_args(argv)
 
@@ -187,8 +191,9 @@ def run(args) -> dict | None:
 
     distributed.initialize_from_env()
     try:
-        bundle, mesh, choice = sharded.load_on_mesh(args.checkpoint, Runtime(), data=args.mesh_data,
-                                                    fsdp=args.mesh_fsdp, tensor=args.mesh_tensor)
+        bundle, mesh, choice = sharded.load_on_mesh(args.checkpoint, Runtime(dtype=args.dtype,
+                                                                     param_dtype=args.param_dtype),
+                                                    data=args.mesh_data, fsdp=args.mesh_fsdp, tensor=args.mesh_tensor)
     except sharded.MeshError as e:
         raise UsageError(str(e)) from None
     except (FileNotFoundError, ValueError, KeyError) as e:
