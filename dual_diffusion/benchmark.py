@@ -458,51 +458,58 @@ def bench_text(bench: Bench, what: str, batch: int, timing: Timing, weights, *, 
     return out
 
 
-def _prediction_fns(bench: Bench):
-    """(full, cached) jittable predictions: T5 + MM-DiT returning (logits, image K/V); T5 + text-only MM-DiT."""
+def _prediction_fns(bench: Bench) -> dict:
+    """Jittable predictions (params, frozen, ...) of the text samplers at timestep 0: "full" (T5 + MM-DiT ->
+    logits and image K/V) and "cached" (T5 + text-only MM-DiT over the image K/V); the MM-DiT parts alone on
+    given T5 states ("mmdit_full", "mmdit_cached"), and "t5"."""
     def nets(params, frozen):
         return bench.networks(cast_floats(params, bench.config.runtime.dtype), frozen)
 
-    def full(params, frozen, latents, ids):
-        mmdit, t5 = nets(params, frozen)
-        return mmdit.logits_and_image_kv(latents, t5(ids), jnp.zeros((ids.shape[0],), jnp.float32))
+    def t0(x):
+        return jnp.zeros((x.shape[0],), jnp.float32)
 
-    def cached(params, frozen, ids, image_kv):
-        mmdit, t5 = nets(params, frozen)
-        return mmdit.text_logits(t5(ids), jnp.zeros((ids.shape[0],), jnp.float32), image_kv)
+    def mmdit_full(params, frozen, latents, hidden):
+        return nets(params, frozen)[0].logits_and_image_kv(latents, hidden, t0(hidden))
 
-    return full, cached
+    def mmdit_cached(params, frozen, hidden, image_kv):
+        return nets(params, frozen)[0].text_logits(hidden, t0(hidden), image_kv)
+
+    def t5(params, frozen, ids):
+        return nets(params, frozen)[1](ids)
+
+    return dict(t5=t5, mmdit_full=mmdit_full, mmdit_cached=mmdit_cached,
+                full=lambda p, f, latents, ids: mmdit_full(p, f, latents, t5(p, f, ids)),
+                cached=lambda p, f, ids, image_kv: mmdit_cached(p, f, t5(p, f, ids), image_kv))
 
 
 def bench_text_step(bench: Bench, batch: int, timing: Timing, weights, length: int) -> dict:
-    """One text prediction of `length` tokens, full (and making the image K/V) vs text-only over the cache."""
+    """One text prediction of `length` tokens, full (and making the image K/V) vs text-only over the cache;
+    the same for the MM-DiT alone (the part the cache changes; T5 runs on every prediction either way)."""
     B = batch
     k = jax.random.split(jax.random.key(5), 2)
     latents = jax.device_put(bench.random_latents(k[0], B), bench.batch_sharding(4))
     ids = jax.device_put(bench.random_ids(k[1], (B, length)), bench.batch_sharding(2))
-    full_fn, cached_fn = (jax.jit(f) for f in _prediction_fns(bench))
-    full, full_compile = compile_ahead(full_fn, *weights, latents, ids)
-    full_sec, (_, image_kv) = timing.measure(f"text_step_full_b{B}", lambda: full(*weights, latents, ids))
-    cached, compile_sec = compile_ahead(cached_fn, *weights, ids, image_kv)
-    sec, _ = timing.measure(f"text_step_cached_b{B}", lambda: cached(*weights, ids, image_kv))
+    fns = {name: jax.jit(fn) for name, fn in _prediction_fns(bench).items()}
+    hidden = fns["t5"](*weights, ids)
+    secs, compiled = {}, {}
+    for name, args in (("full", (latents, ids)), ("mmdit_full", (latents, hidden))):
+        compiled[name], _ = compile_ahead(fns[name], *weights, *args)
+        secs[name], (_, image_kv) = timing.measure(f"text_step_{name}_b{B}", lambda: compiled[name](*weights, *args))
+        cached = name.replace("full", "cached")
+        cargs = (ids if name == "full" else hidden, image_kv)
+        compiled[cached], compile_sec = compile_ahead(fns[cached], *weights, *cargs)
+        secs[cached], _ = timing.measure(f"text_step_{cached}_b{B}", lambda: compiled[cached](*weights, *cargs))
     m, t5, n = bench.mmdit_cfg, bench.t5_cfg, flops.num_image_tokens(bench.mmdit_cfg, bench.latent_side)
     full_flops = flops.text_prediction(m, t5, B, bench.latent_side, length)
     cached_flops = flops.text_prediction(m, t5, B, bench.latent_side, length, image_cached=True)
-    out = row(bench, "text_step", B, sec, cached_flops, cached, compile_sec)
-    out.update(text_length=length, image_tokens=n, full_sec=full_sec, full_flops=int(full_flops),
-               full_compile_sec=full_compile, time_ratio=full_sec / sec, flops_ratio=full_flops / cached_flops,
-               mmdit_flops_ratio=flops.mmdit_forward(m, B, n, length) / flops.mmdit_text_only_forward(m, B, n, length),
+    mmdit_full, mmdit_cached = flops.mmdit_forward(m, B, n, length), flops.mmdit_text_only_forward(m, B, n, length)
+    out = row(bench, "text_step", B, secs["cached"], cached_flops, compiled["cached"], compile_sec)
+    out.update(text_length=length, image_tokens=n, full_sec=secs["full"], full_flops=int(full_flops),
+               time_ratio=secs["full"] / secs["cached"], flops_ratio=full_flops / cached_flops,
+               mmdit_full_sec=secs["mmdit_full"], mmdit_cached_sec=secs["mmdit_cached"],
+               mmdit_time_ratio=secs["mmdit_full"] / secs["mmdit_cached"], mmdit_flops_ratio=mmdit_full / mmdit_cached,
                t5_flops=int(flops.t5_forward(t5, B, length)))
     return out
-
-
-def bench_data(bench: Bench, batch: int, workers: int) -> dict:
-    from dual_diffusion.data.bench import benchmark_data
-    stats = benchmark_data(image_size=int(bench.config.data.image_size), text_length=bench.text_length,
-                           batch_size=batch, worker_count=workers)
-    # A sample is one example of either stream: a batch holds `batch` pairs of each.
-    return dict(what="data", batch=batch, sec=1.0 / stats["batches_per_s"], samples_per_sec=stats["samples_per_s"],
-                **{k: v for k, v in stats.items() if k not in ("samples_per_s", "batch_size")})
 
 
 # --------------------------------------------------------------------------- entry point
