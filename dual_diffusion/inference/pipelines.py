@@ -25,11 +25,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from absl import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from dual_diffusion.data.text_layout import vqa_layout
@@ -314,18 +313,14 @@ class Pipeline:
         return to_uint8(out)
 
     def fill_text(self, states: States, images_uint8, ids_BxL, fixed_BxL, *, seed: int = 0,
-                  opts: TextOptions = TextOptions()) -> np.ndarray:
-        """Generates the non-fixed positions of ids given the images; (B, L) ids."""
-        return self._fill_text(states, images_uint8, ids_BxL, fixed_BxL, seed=seed, opts=opts)[0]
-
-    def _fill_text(self, states, images_uint8, ids_BxL, fixed_BxL, *, seed: int, opts: TextOptions, task=None):
-        """(ids (B, L), network calls per row (B,)); the calls are tallied under `task` in text_calls."""
+                  opts: TextOptions = TextOptions(), task: str | None = None) -> np.ndarray:
+        """Generates the non-fixed positions of ids given the images; (B, L) ids. The network calls of
+        each row are tallied under `task` ("caption", "vqa") in `text_calls`."""
         out, calls = self._text(states, to_float(images_uint8), jnp.asarray(ids_BxL, jnp.int32),
                                 jnp.asarray(fixed_BxL, bool), jax.random.key(seed), opts=opts)
-        calls = np.asarray(calls)
         if task is not None:
-            self.text_calls[task].extend(int(c) for c in calls)
-        return np.asarray(out), calls
+            self.text_calls[task].extend(int(c) for c in np.asarray(calls))
+        return np.asarray(out)
 
     def mean_text_calls(self, task: str) -> float | None:
         """Mean network calls per decoded row of `task` so far (None before any)."""
@@ -336,16 +331,20 @@ class Pipeline:
                 opts: TextOptions = TextOptions(steps=TEXT_STEPS["caption"])) -> list[str]:
         """Captions of uint8 images (B, S, S, 3) in rows of caption_text_length tokens; `length`
         generated tokens at most (default the whole row, as the release)."""
-        n, L = len(images_uint8), self.caption_text_length
+        ids, fixed = self.caption_rows(len(images_uint8), length)
+        out = self.fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts, task="caption")
+        return self.decode_generated(out, fixed, task="caption", decoding=opts.decoding)
+
+    def caption_rows(self, n: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, fixed), each (n, caption_text_length): `length` generated positions (default all), the
+        rest fixed EOS padding, so the caption ends in time."""
+        L = self.caption_text_length
         length = L if length is None else int(length)
         if not 1 <= length <= L:
             raise ValueError(f"caption length {length}; expected 1..{L}")
-        # Positions beyond `length` are fixed EOS padding, so the caption ends in time.
-        ids = np.full((n, L), self.tokenizer.eos_id, np.int32)
         fixed = np.zeros((n, L), bool)
         fixed[:, length:] = True
-        out, _ = self._fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts, task="caption")
-        return self.decode_generated(out, fixed, task="caption", decoding=opts.decoding)
+        return np.full((n, L), self.tokenizer.eos_id, np.int32), fixed
 
     def vqa_rows(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, fixed), each (B, vqa_text_length): the release's VQA in-filling layout."""
@@ -364,9 +363,8 @@ class Pipeline:
         if len(questions) != len(images_uint8):
             raise ValueError(f"{len(questions)} questions for {len(images_uint8)} images")
         ids, fixed = self.vqa_rows(questions)
-        out, _ = self._fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts, task="vqa")
+        out = self.fill_text(states, images_uint8, ids, fixed, seed=seed, opts=opts, task="vqa")
         return self.decode_generated(out, fixed, task="vqa", decoding=opts.decoding)
-
 
 
 def prompt_pad_id(bundle, prompt_padding: str | None = None) -> int:
@@ -380,7 +378,7 @@ def prompt_pad_id(bundle, prompt_padding: str | None = None) -> int:
     converted = bundle.info.get("format") == FORMAT
     if (prompt_padding or ("declared" if converted else "eos")) == "eos":
         return EOS_ID
-    recorded = bundle.info.get("tokenizer", {})
+    recorded = bundle.info.get("tokenizer", {}) if converted else {}  # a workdir's "tokenizer" is its model path
     if "pad_id" in recorded:
         return int(recorded["pad_id"])
     token, _ = declared_pad_token(bundle.tokenizer.model_file.parent)
