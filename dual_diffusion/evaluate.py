@@ -81,8 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("threshold", type=float, help="threshold sampler: reveal tokens with probability >= this (default 0.9)")
     add("factor", type=float, help="threshold sampler: the factor rule with this f instead of the threshold")
     add("num_blocks", type=int, help="blocks of semi_ar and threshold (default 4)")
-    add("image_cache", type=int, metavar="R", help="reuse the image's keys/values, refreshed every R network "
-        "calls (0: never) and at block starts (default off)")
+    add("image_cache", type=int, nargs="?", const=0, metavar="R", help="reuse the image's keys/values, "
+        "refreshed every R network calls (0, the value when R is left out: never) and at block starts (default off)")
     add("prompt_padding", choices=PROMPT_PADDINGS, help="pad id of prompt rows (default: declared for a "
         "converted checkpoint, eos for a training workdir)")
     add("temperature", type=float, help="default 1")

@@ -61,9 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="threshold sampler: reveal every token with probability >= this (at least one per step)")
     p.add_argument("--factor", type=float, help="threshold sampler: the factor rule with this f instead")
     p.add_argument("--num-blocks", "--num_blocks", type=int, default=4, help="blocks of semi_ar and threshold")
-    p.add_argument("--image-cache", "--image_cache", type=int, metavar="R",
-                   help="reuse the image's keys/values, refreshed every R network calls (0: never) and at "
-                        "block starts; default off")
+    p.add_argument("--image-cache", "--image_cache", type=int, nargs="?", const=0, metavar="R",
+                   help="reuse the image's keys/values, refreshed every R network calls (0, the value when R is "
+                        "left out: never) and at block starts; default off")
     p.add_argument("--prompt-padding", "--prompt_padding", choices=PROMPT_PADDINGS,
                    help="pad id of prompt rows: the tokenizer's declared pad token (default for a converted "
                         "checkpoint) or EOS (default for a training workdir)")
