@@ -1,14 +1,19 @@
-"""Text sampling for masked diffusion: ancestral, confidence-based and semi-autoregressive.
+"""Text sampling for masked diffusion: ancestral, confidence-based, semi-autoregressive, threshold.
 
 REFERENCE.md, Inference. All samplers share one loop (`lax.while_loop`, static
 shapes): predict log p(x0 | x_t) for every position, update some masked
 positions, repeat. Positions with `fixed=True` (a VQA prompt) keep their ids;
-the others start masked and are the only ones ever written.
+the others start masked and are the only ones ever written. The threshold
+sampler (Fast-dLLM's parallel decoding) reveals as many tokens per call as are
+confident, so a row needs far fewer network calls (README, Sampling).
 
 Prediction caching: D-DiT's text network is time-agnostic (no timestep input for
 text, the image is clean), so `logits_fn` is a function of the ids alone and its
 output is reused (inside `lax.cond`) until some token changes. A `logits_fn` that
 is not a pure function of the ids would be wrong to cache; none is in D-DiT.
+
+Image K/V cache (`CachedLogits`): a cheaper, approximate call that reuses part of
+an earlier full call (MM-DiT's image keys and values), refreshed on a schedule.
 
 Precision of categorical draws: tokens are drawn by Gumbel-max on float32
 log-probabilities with `jax.random.gumbel(mode="highest")`, which builds the

@@ -15,6 +15,14 @@ outputs (velocity and logits) are float32 whatever the compute dtype.
 Layers are stored one module per block (`blocks[i]`), so checkpoints do not
 depend on `runtime.scan_layers`; scanning stacks the per-block states inside
 the traced call.
+
+Text decoding with a clean, fixed image (captions, VQA) can skip the image
+stream: `logits_and_image_kv` is the full forward that also returns every
+layer's image keys and values (`ImageKV`), and `text_logits` runs only the text
+tokens through the blocks, attending to those cached keys/values plus fresh
+text ones. With the cache of the same text it equals the full forward; with
+later text it is an approximation (in the full network the image stream also
+reads the text), which the samplers refresh (diffusion/text_sampling.py).
 """
 from __future__ import annotations
 
