@@ -25,8 +25,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every error of the project's commands
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="training workdir or converted checkpoint (shapes world)")
     p.add_argument("--num", type=int, default=400, help="captions and VQA questions, each")
     p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation sets and the samplers")
@@ -76,7 +81,11 @@ def measure(args) -> tuple[list[dict], dict]:
     from dual_diffusion.data import shapes_eval
     from dual_diffusion.inference.pipelines import TEXT_STEPS, Pipeline, TextOptions
 
-    bundle = load_pretrained(args.checkpoint)
+    try:
+        bundle = load_pretrained(args.checkpoint)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: cannot load --checkpoint={args.checkpoint}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     pipe = Pipeline.from_bundle(bundle)
     caps = shapes_eval.caption_eval_set(args.seed, args.num, pipe.image_size)
     vqa = shapes_eval.vqa_eval_set(args.seed, args.num, pipe.image_size)
