@@ -2,7 +2,8 @@ r"""Evaluation from the command line; prints one JSON object of scores.
 
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=shapes [--per_category=50 --num_captions=200
       --num_vqa=200 --t2i_steps=28 --cfg=7 --grid=diffusers|linspace --text_steps=N
-      --sampler=ancestral|confidence|semi_ar --decoding=first_eos|release]
+      --sampler=ancestral|confidence|semi_ar|threshold --threshold=0.9 --image_cache=R
+      --decoding=first_eos|release]
   python -m dual_diffusion.evaluate --checkpoint=WORKDIR --suite=shapes --preset=demo   # the demo's final scores
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=coco_captions --annotations=captions_val2014.json
       --images=val2014/ [--max_images=5000] [--release-decoding]  # CIDEr; needs pycocoevalcap
@@ -19,7 +20,8 @@ steps, text cut at the first EOS. `--preset=demo` takes every setting of the
 trainer's end-of-training evaluation from WORKDIR/config.json (configs/demo.py for
 a checkpoint that is not a workdir); `--release-decoding` runs the release's
 text protocol (ancestral, 64 / 32 steps, 128 tokens, a VAE posterior draw as the
-image, its decoding). Explicit flags override both.
+image, its decoding). Explicit flags override both. The scores give the mean network
+calls per caption / answer (`nfe`) beside the settings.
 Scores also go to OUT/scores.json and OUT/scores.md, OUT = --out_dir, default
 the checkpoint's eval/ folder when writable, else the current folder (geneval
 writes only its image folders, which GenEval's scorer walks). The oracle
@@ -44,7 +46,8 @@ from pathlib import Path
 
 from dual_diffusion.cli import UsageError, run_command
 from dual_diffusion.diffusion.image_sampling import GRIDS
-from dual_diffusion.inference.pipelines import DECODINGS, IMAGE_LATENTS
+from dual_diffusion.diffusion.text_sampling import METHODS
+from dual_diffusion.inference.pipelines import DECODINGS, IMAGE_LATENTS, PROMPT_PADDINGS
 
 SUITES = ("shapes", "coco_captions", "vqav2", "geneval")
 PRESETS = ("demo",)
@@ -52,7 +55,8 @@ DEFAULTS = dict(batch_size=16, seed=1234, dtype="float32", per_category=50, num_
 # flag -> field of ImageOptions / of both TextOptions
 IMAGE_FLAGS = {"t2i_steps": "steps", "cfg": "cfg_scale", "shift": "shift", "grid": "grid"}
 TEXT_FLAGS = {"text_steps": "steps", "sampler": "method", "temperature": "temperature",
-              "min_new_tokens": "min_new_tokens", "decoding": "decoding", "image_latents": "image_latents"}
+              "min_new_tokens": "min_new_tokens", "decoding": "decoding", "image_latents": "image_latents",
+              "threshold": "threshold", "factor": "factor", "num_blocks": "num_blocks", "image_cache": "image_cache"}
 # What --release-decoding fixes for both text tasks (the steps are per task: pipelines.TEXT_STEPS).
 RELEASE_TEXT = {"sampler": "ancestral", "temperature": 1.0, "min_new_tokens": 0, "decoding": "release",
                 "image_latents": "sample"}
@@ -82,7 +86,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("shift", type=float, help="SD3 time shift of the image sampler (default 3)")
     add("grid", choices=GRIDS, help="image noise levels (default diffusers: the release's scheduler)")
     add("text_steps", type=int, help="caption and VQA steps (default 64 and 32)")
-    add("sampler", choices=("ancestral", "confidence", "semi_ar"), help="default ancestral")
+    add("sampler", choices=METHODS, help="default ancestral")
+    # Fast text decoding (README, Sampling): the threshold sampler and the image K/V cache.
+    add("threshold", type=float, help="threshold sampler: reveal tokens with probability >= this (default 0.9)")
+    add("factor", type=float, help="threshold sampler: the factor rule with this f instead of the threshold")
+    add("num_blocks", type=int, help="blocks of semi_ar and threshold (default 4)")
+    add("image_cache", type=int, nargs="?", const=0, metavar="R", help="reuse the image's keys/values, "
+        "refreshed every R network calls (0, the value when R is left out: never) and at block starts (default off)")
+    add("prompt_padding", choices=PROMPT_PADDINGS, help="pad id of prompt rows (default: declared for a "
+        "converted checkpoint, eos for a training workdir)")
     add("temperature", type=float, help="default 1")
     add("min_new_tokens", type=int, help="EOS banned on the first N generated tokens (default 0)")
     add("decoding", choices=DECODINGS, help="default first_eos")
@@ -113,7 +125,7 @@ def _check(args) -> None:
     elif not _ckpt_path(args.checkpoint).is_dir():  # pathlib would turn gs://b/x into the local gs:/b/x
         raise UsageError(f"--checkpoint={args.checkpoint}: no such folder")
     for name in ("batch_size", "t2i_steps", "text_steps", "samples_per_prompt", "image_size", "text_length",
-                 "caption_length", "max_images", "max_questions"):
+                 "caption_length", "max_images", "max_questions", "num_blocks"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name}={value}: expected >= 1")
@@ -269,7 +281,8 @@ def _model_scores(args) -> dict | None:
         raise UsageError(str(e)) from None
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
-    pipe = Pipeline.from_bundle(bundle, image_size=st["image_size"], text_length=st["text_length"], mesh=mesh)
+    pipe = Pipeline.from_bundle(bundle, image_size=st["image_size"], text_length=st["text_length"], mesh=mesh,
+                                prompt_padding=args.prompt_padding)
     image_opts, caption_opts, vqa_opts = st["image_opts"], st["caption_opts"], st["vqa_opts"]
     if st["caption_length"] and st["caption_length"] > pipe.caption_text_length:
         raise UsageError(f"--caption_length={st['caption_length']} exceeds the caption rows' "
@@ -309,8 +322,10 @@ def _model_scores(args) -> dict | None:
         journal.close(out / f"items_{args.suite}.jsonl")
     if not sharded.is_main():
         return None
+    nfe = {task: pipe.mean_text_calls(task) for task in pipe.text_calls if pipe.text_calls[task]}
     return dict(scores, checkpoint=args.checkpoint, step=bundle.info.get("step"), text_length=pipe.text_length,
-                mesh=sharded.describe_mesh(mesh, choice), settings=settings, out_dir=str(out))
+                mesh=sharded.describe_mesh(mesh, choice), settings=settings, out_dir=str(out),
+                **({"nfe": nfe} if nfe else {}))
 
 
 def _describe(st: dict) -> dict:

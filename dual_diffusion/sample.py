@@ -3,8 +3,8 @@ r"""Sampling from the command line: text to image, in-painting, captions and VQA
   python -m dual_diffusion.sample --checkpoint=DIR --task=t2i --prompt="a red circle" [--prompts-file=F]
       [--num-images=4] [--steps=28] [--cfg=7] [--grid=diffusers|linspace] [--seed=0] --out=grid.png
   python -m dual_diffusion.sample --checkpoint=DIR --task=caption --image=a.png [--image=b.png]
-      [--length=N] [--steps=64] [--sampler=ancestral|confidence|semi_ar] [--decoding=first_eos|release]
-      [--out=captions.json]
+      [--length=N] [--steps=64] [--sampler=ancestral|confidence|semi_ar|threshold] [--threshold=0.9]
+      [--image-cache=R] [--decoding=first_eos|release] [--out=captions.json]
   python -m dual_diffusion.sample --checkpoint=DIR --task=vqa --image=a.png --question="what color is the circle?"
       [--steps=32]
   python -m dual_diffusion.sample --checkpoint=DIR --task=inpaint --image=a.png --mask=m.png --prompt="..." --out=x.png
@@ -16,8 +16,10 @@ workdir (its latest EMA weights). Images are resized (shorter side) and center
 cropped to the model's size; a mask is white where the image is regenerated.
 Defaults follow the release (README, Sampling): the image sampler runs on diffusers'
 scheduler levels; caption and VQA rows are 128 tokens (a training workdir: the
-length it trained at, when shorter), 64 steps for captions and 32 for VQA. The
-printed JSON has the settings used. Bad arguments print `error: ...` and exit 2,
+length it trained at, when shorter), 64 steps for captions and 32 for VQA; prompts
+are padded with the pad token a converted checkpoint's tokenizer declares (a workdir:
+EOS, as it trained). The printed JSON has the settings used and, for captions and
+VQA, the mean network calls per row (`nfe`). Bad arguments print `error: ...` and exit 2,
 without a traceback.
 
 Every call runs on a mesh of every device of every process (--mesh_data / --mesh_fsdp /
@@ -39,7 +41,8 @@ import numpy as np
 
 from dual_diffusion.cli import UsageError, run_command
 from dual_diffusion.diffusion.image_sampling import GRIDS
-from dual_diffusion.inference.pipelines import DECODINGS, IMAGE_LATENTS, TEXT_STEPS
+from dual_diffusion.diffusion.text_sampling import METHODS
+from dual_diffusion.inference.pipelines import DECODINGS, IMAGE_LATENTS, PROMPT_PADDINGS, TEXT_STEPS
 
 TASKS = ("t2i", "caption", "vqa", "inpaint")
 
@@ -61,7 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", default="diffusers", choices=GRIDS,
                    help="image noise levels: diffusers' FlowMatchEulerDiscreteScheduler (the release) or "
                         "shift(linspace(1, 0))")
-    p.add_argument("--sampler", default="ancestral", choices=("ancestral", "confidence", "semi_ar"))
+    # Text decoding (captions, VQA): the sampler and its fast options.
+    p.add_argument("--sampler", default="ancestral", choices=METHODS,
+                   help="ancestral (the release), confidence, semi_ar, threshold (Fast-dLLM parallel decoding)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="threshold sampler: reveal every token with probability >= this (at least one per step)")
+    p.add_argument("--factor", type=float, help="threshold sampler: the factor rule with this f instead")
+    p.add_argument("--num-blocks", "--num_blocks", type=int, default=4, help="blocks of semi_ar and threshold")
+    p.add_argument("--image-cache", "--image_cache", type=int, nargs="?", const=0, metavar="R",
+                   help="reuse the image's keys/values, refreshed every R network calls (0, the value when R is "
+                        "left out: never) and at block starts; default off")
+    p.add_argument("--prompt-padding", "--prompt_padding", choices=PROMPT_PADDINGS,
+                   help="pad id of prompt rows: the tokenizer's declared pad token (default for a converted "
+                        "checkpoint) or EOS (default for a training workdir)")
     p.add_argument("--decoding", default="first_eos", choices=DECODINGS,
                    help="text up to the first EOS, or the release's (whole caption without </s>)")
     p.add_argument("--image-latents", "--image_latents", default="mean", choices=IMAGE_LATENTS,
@@ -151,7 +166,7 @@ def _check(args) -> None:
         raise UsageError("empty --question")
     if args.task == "inpaint" and len(args.mask) != len(args.image):
         raise UsageError(f"--task=inpaint needs one --mask per --image ({len(args.mask)} for {len(args.image)})")
-    for name in ("steps", "num_images", "batch_size", "length"):
+    for name in ("steps", "num_images", "batch_size", "length", "num_blocks"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')}={value}: expected >= 1")
@@ -161,9 +176,23 @@ def text_options(args):
     """TextOptions of a caption / VQA run: the flags, else the release's steps for the task."""
     from dual_diffusion.inference.pipelines import TextOptions
 
-    return TextOptions(steps=args.steps or TEXT_STEPS["caption" if args.task == "caption" else "vqa"],
-                       method=args.sampler, temperature=args.temperature, min_new_tokens=args.min_new_tokens,
-                       decoding=args.decoding, image_latents=args.image_latents)
+    try:
+        return TextOptions(steps=args.steps or TEXT_STEPS["caption" if args.task == "caption" else "vqa"],
+                           method=args.sampler, temperature=args.temperature, min_new_tokens=args.min_new_tokens,
+                           decoding=args.decoding, image_latents=args.image_latents, threshold=args.threshold,
+                           factor=args.factor, num_blocks=args.num_blocks, image_cache=args.image_cache)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def fast_settings(opts) -> dict:
+    """The fast-decoding settings of TextOptions that apply to its method, for the printed JSON."""
+    out = {"image_cache": opts.image_cache}
+    if opts.method in ("semi_ar", "threshold"):
+        out["num_blocks"] = opts.num_blocks
+    if opts.method == "threshold":
+        out.update({"factor": opts.factor} if opts.factor is not None else {"threshold": opts.threshold})
+    return out
 
 
 def _map(fn, columns: list, args, desc: str) -> list:
@@ -198,14 +227,15 @@ def run(args) -> dict | None:
         raise UsageError(str(e)) from None
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
-    pipe = Pipeline.from_bundle(bundle, image_size=args.image_size, text_length=args.text_length, mesh=mesh)
+    pipe = Pipeline.from_bundle(bundle, image_size=args.image_size, text_length=args.text_length, mesh=mesh,
+                                prompt_padding=args.prompt_padding)
     states = bundle.states
     result: dict = {"checkpoint": args.checkpoint, "task": args.task, "mesh": sharded.describe_mesh(mesh, choice)}
 
     if args.task in ("t2i", "inpaint"):
         opts = ImageOptions(steps=args.steps or 28, cfg_scale=args.cfg, shift=args.shift, grid=args.grid)
         result["settings"] = dict(steps=opts.steps, cfg=opts.cfg_scale, shift=opts.shift, grid=opts.grid,
-                                  text_length=pipe.text_length, image_size=pipe.image_size)
+                                  text_length=pipe.text_length, image_size=pipe.image_size, pad_id=pipe.pad_id)
         prompts = _prompts(args)
         if args.task == "t2i":
             jobs = [p for p in prompts for _ in range(args.num_images)]
@@ -231,7 +261,8 @@ def run(args) -> dict | None:
         opts = text_options(args)
         length = pipe.caption_text_length if args.task == "caption" else pipe.vqa_text_length
         result["settings"] = dict(steps=opts.steps, sampler=opts.method, decoding=opts.decoding,
-                                  image_latents=opts.image_latents, text_length=length, image_size=pipe.image_size)
+                                  image_latents=opts.image_latents, text_length=length, image_size=pipe.image_size,
+                                  **fast_settings(opts))
         images = np.stack([read_image(p, pipe.image_size) for p in args.image])
         questions = (args.question * len(images) if len(args.question) == 1 else args.question) \
             if args.task == "vqa" else None
@@ -241,6 +272,7 @@ def run(args) -> dict | None:
         else:
             texts = _map(lambda im, q, indices: pipe.answer(states, im, q, seed=args.seed, indices=indices,
                                                             opts=opts), [images, questions], args, "vqa")
+        result["nfe"] = pipe.mean_text_calls(args.task)  # network calls per row, mean
         key = "captions" if args.task == "caption" else "answers"
         result[key] = [dict(image=p, **({"question": q} if questions else {}), text=t)
                        for p, q, t in zip(args.image, questions or [None] * len(texts), texts)]

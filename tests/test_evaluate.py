@@ -314,6 +314,37 @@ def test_release_decoding_resolves_the_release_protocol():
     assert parse("--release-decoding", "--text_steps=16")["caption_opts"].steps == 16
 
 
+def test_fast_decoding_flags_and_nfe_in_the_scores(tmp_path, monkeypatch, capsys):
+    """--sampler=threshold --threshold --num_blocks --image_cache reach both TextOptions (a bare --image_cache
+    is R = 0); the printed scores give the mean network calls per row of each text task."""
+    from types import SimpleNamespace
+
+    import jax
+
+    from dual_diffusion.inference import sharded
+    from dual_diffusion.sharding import make_mesh
+
+    parse = lambda *a: evaluate.resolve_settings(evaluate.parse_args(["--checkpoint", "x", *a]))  # noqa: E731
+    st = parse("--sampler=threshold", "--threshold=0.8", "--num_blocks=2", "--image_cache")
+    for opts in (st["caption_opts"], st["vqa_opts"]):
+        assert (opts.method, opts.threshold, opts.num_blocks, opts.image_cache) == ("threshold", 0.8, 2, 0)
+    assert parse("--image_cache=3")["vqa_opts"].image_cache == 3 and parse()["vqa_opts"].image_cache is None
+
+    def suite(pipeline, states, **kw):  # stands in for the decoding: 3 and 5 calls for two captions
+        pipeline.text_calls["caption"] += [3, 5]
+        return {"suite": "shapes"}
+
+    monkeypatch.setattr(suites, "shapes_suite", suite)
+    bundle = SimpleNamespace(info={"step": 1, "image_size": 32, "text_length": 32}, configs={},
+                             graphdefs={"transformer": None, "text_encoder": None}, tokenizer=None, states={})
+    mesh = make_mesh(devices=jax.devices()[:1])
+    monkeypatch.setattr(sharded, "load_on_mesh", lambda path, runtime, **mesh_flags:
+                        (bundle, mesh, sharded.MeshChoice(1, 1, 1, "one device")))
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--out_dir", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == {"caption": 4.0}
+
+
 def test_pipeline_applies_the_decoding_option(tiny):
     """Captions and answers are decode_text of the sampled ids under the option's decoding."""
     import dataclasses

@@ -58,7 +58,7 @@ def check_fits(pipeline: Pipeline, *, prompts: Sequence[str] = (), questions: Se
     from dual_diffusion.data.text_layout import vqa_layout
 
     try:
-        pipeline.encode_prompts(list(dict.fromkeys(prompts)))
+        pipeline.encode_prompts(list(dict.fromkeys(prompts)), truncate=False)
     except ValueError as e:
         raise EvalDataError(f"{e}: raise --text_length") from None
     length = pipeline.vqa_text_length
