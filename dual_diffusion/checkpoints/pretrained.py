@@ -223,6 +223,10 @@ def _load_workdir(path: epath.Path, runtime: Runtime, mesh, rules, components: S
                 if frozen is not None else
                 {key(p): np.asarray(v[...]) for p, v in comp.flat_variables(base.states[name]).items()})
         flat.update({key(p): v for p, v in traversals.flatten_mapping(trained.get(name) or {}).items()})
+        if ("mask_row",) in flat:  # T5's trained mask row, kept apart in training: back into the table
+            from dual_diffusion.models.t5 import fold_mask_row
+            row = flat.pop(("mask_row",))
+            flat[("embedding",)] = fold_mask_row(np.asarray(flat[("embedding",)], np.float32), row, info["mask_id"])
         flat = {p: flat[key(p)] for p in variables if key(p) in flat}
         missing = sorted(map(str, set(variables) - set(flat)))
         if missing:

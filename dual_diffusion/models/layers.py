@@ -2,6 +2,8 @@
 
 Parameters are created in `param_dtype` (float32) and cast to the compute
 `dtype` on use, so bf16 training keeps fp32 master weights with one code path.
+On a sharded mesh a kernel is cast on its shard and then gathered where it is
+used (sharding.use_weight), so FSDP's gathers move the compute dtype.
 Normalisations compute in float32 whatever the compute dtype.
 """
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dual_diffusion.sharding import use_weight
 
 Axes = Sequence[str | None]
 Initializer = Callable[..., jax.Array]
@@ -64,12 +68,14 @@ class Linear(nnx.Module):
                  dtype="float32", param_dtype="float32", kernel_init: Initializer = xavier_uniform,
                  bias_init: Initializer = zeros, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(dtype)
+        self.axes = tuple(axes)
         self.kernel = param(kernel_init, rngs, (in_features, out_features), axes, param_dtype)
         self.bias = param(bias_init, rngs, (out_features,), (axes[1],), param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
+        kernel = use_weight(self.kernel[...].astype(self.dtype), self.axes)  # cast on the shard, then gathered
+        y = jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(out_dtype)
         return y
