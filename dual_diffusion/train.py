@@ -241,6 +241,8 @@ def main(argv):
         if step == start:
             console(f"compiling the train step (batch {config.train.batch_size} per half)...")
             compile_t0 = time.perf_counter()
+            train_step = train_step.lower(state, frozen, batch).compile()
+            distributed.barrier("dual_diffusion:step_compiled")  # hosts compile at their own pace
         state, metrics = train_step(state, frozen, batch)
         step += 1
         if step == start + 1:  # the first call compiles; later intervals exclude it

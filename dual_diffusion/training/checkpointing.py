@@ -166,9 +166,8 @@ def save_frozen(workdir: str | os.PathLike, frozen: dict) -> None:
     """WORKDIR/frozen, once; every process calls it (Orbax writes each process's shards)."""
     path = workdir_path(workdir) / "frozen"
     exists = path.exists()
-    if jax.process_count() > 1:  # all processes decide before any of them starts writing the folder
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("dual_diffusion:frozen_checked")
+    from dual_diffusion import distributed
+    distributed.barrier("dual_diffusion:frozen_checked")  # all decide before any of them writes the folder
     if exists:
         return
     with ocp.StandardCheckpointer() as ckptr:

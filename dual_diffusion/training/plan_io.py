@@ -54,9 +54,8 @@ def get_tokenizer(config, workdir, dry_run: bool = False):
                     tmp = model_file.parent / f"{model_file.name}.tmp"  # readers never see a partial model
                     tmp.write_bytes(trained.read_bytes())
                     tmp.replace(model_file)
-        if jax.process_count() > 1:  # every process reaches this (same files on a shared workdir)
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("dual_diffusion:tokenizer_written")
+        from dual_diffusion import distributed
+        distributed.barrier("dual_diffusion:tokenizer_written")  # every process reaches this (a shared workdir)
         if local:
             return Tokenizer(model_file)
         tokenizer = Tokenizer(paths.local_copy(model_file))
