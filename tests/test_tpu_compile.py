@@ -115,6 +115,42 @@ ENTRY %main (p: f32[16]) -> bf16[64] {
     assert c["dcn_wire_bytes"] == 256 + 64 and c["ici_wire_bytes"] == c["total_wire_bytes"] - 320
 
 
+def test_a_continuation_spread_over_a_loop_moves_its_buffer_once_and_dcn_sends_count():
+    """TPU async collective fusion spreads one collective over steps of a loop (flag_start..flag_end in its
+    backend_config): once per run of the loop, not per trip. Multi-slice programs move data between slices by
+    megascale host-transfer sends: DCN."""
+    cfg = lambda start: '"async_collective_fusion_config":{"flag_start":"%d","flag_end":"8"}' % start  # noqa: E731
+    hlo = """HloModule m
+
+%body (c: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %c = (s32[], f32[64]) parameter(0)
+  %i = s32[] get-tuple-element(%c), index=0
+  %x = f32[64] get-tuple-element(%c), index=1
+  %spread = f32[64]{0} all-gather(%x), replica_groups=[1,4]<=[4], backend_config={CFG2}
+  %each = f32[64]{0} all-gather(%spread), replica_groups=[1,4]<=[4], backend_config={CFGM}
+  ROOT %t = (s32[], f32[64]) tuple(%i, %each)
+}
+
+%cond (c: (s32[], f32[64])) -> pred[] {
+  %c = (s32[], f32[64]) parameter(0)
+  ROOT %lt = pred[] compare(%i, %i), direction=LT
+}
+
+ENTRY %main (p: f32[64]) -> f32[64] {
+  %p = f32[64]{0} parameter(0)
+  %t0 = (s32[], f32[64]) tuple(%p, %p)
+  %w = (s32[], f32[64]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"8"}}
+  %tok = token[] after-all()
+  %s = (bf16[16]{0}, u32[], token[]) send(%p, %tok), is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE",_xla_megascale_reduce_operation="SUM"}
+  ROOT %r = f32[64]{0} get-tuple-element(%w), index=1
+}
+""".replace("CFG2", cfg(2)).replace("CFGM", cfg(-1))
+    c = collective_bytes(hlo, 4, num_slices=2)
+    assert c["all-gather"]["ops"] == 1 + 8 and c["all-gather"]["bytes"] == 9 * 256
+    assert c["all-reduce"]["ops"] == 1 and c["all-reduce"]["bytes"] == 32  # bf16[16], not the tuple
+    assert c["all-reduce"]["dcn_wire_bytes"] == c["dcn_wire_bytes"] == 32  # 2 x (2-1)/2 x 32
+
+
 def _scanned_gather(devices, outer=3, inner=5, rows=8, width=128):
     """Compiled HLO of an all-gather inside a scan of `inner` inside a scan of `outer`, and its bytes per run."""
     n = len(devices)
@@ -215,7 +251,7 @@ def two_slice_report(libtpu):
     """The demo (bf16, T5's mask row trains, FSDP inside each slice) on two v5p-8 slices joined by the DCN."""
     name = "2xv5p-8"
     config = _small_demo(**{"runtime.dtype": "bfloat16", "mesh.data": 1, "mesh.fsdp": -1,
-                            "model.text_encoder_trainable": "mask_row"})
+                            "model.text_encoder_trainable": "mask_row", "runtime.attention_impl": "xla"})
     return compile_report.compile_for_devices(config, topology.topology_devices(name), topology.slice_info(name))
 
 

@@ -1,15 +1,18 @@
 r"""Will it fit? Compile the real train step for a TPU slice from any host and report per chip.
 
   python -m dual_diffusion.train --config=configs/stage2.py --dry_run --topology=v5p-64 [--find_max_batch]
+  python -m dual_diffusion.train --config=configs/stage2.py --dry_run --topology=2xv5p-64   # two slices
 
 `compile_for_devices(config, devices)` builds the step as train.py does (mesh over
 `devices`, plan, loss, abstract batch, make_train_step), compiles it on abstract
-inputs and returns a dict: bytes per chip of params / optimizer / EMA / frozen, XLA's
-argument / output / temporary / peak bytes against the chip's HBM, the number of
-Pallas kernels, the bytes collectives move per step (loops counted by trip count),
-the ICI time they imply, the analytic FLOPs per chip and the compile seconds.
-A step that does not fit raises DoesNotFit; the CLI prints it as one `error:` line
-naming the knobs, exit status 2.
+inputs with the pod's XLA flags (aot/tpu_flags.py) and returns a dict: bytes per chip
+of params / optimizer / EMA / frozen, XLA's argument / output / temporary / peak bytes
+against the chip's HBM, the number of Pallas kernels, the bytes collectives move per
+step (loops counted by trip count) by kind and dtype, split into ICI and DCN (groups
+that span slices) with the time each implies, the other frozen-weight placement
+(sharding.frozen_rules) estimated from this compile, the analytic FLOPs per chip and
+the compile seconds. A step that does not fit raises DoesNotFit; the CLI prints it as
+one `error:` line naming the knobs, exit status 2.
 """
 from __future__ import annotations
 
@@ -131,7 +134,7 @@ def compile_for_devices(config, devices, info: Slice | None = None, *, hlo_path:
     chips = len(devices)
     # Device ids in the program's replica groups are positions in the mesh's flat device order.
     slice_of = [sharding.slice_index(d) for d in mesh.devices.flat]
-    collectives = collective_bytes(hlo, chips, slice_of if len(set(slice_of)) > 1 else None)
+    collectives = collective_bytes(hlo, chips, slice_of if len(set(slice_of)) > 1 else None, len(set(slice_of)))
     report.update(
         num_slices=len(set(slice_of)), xla_flags=options, frozen_placement=plan.frozen_placement,
         frozen_bytes_total=sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(plan.abstract_frozen)),

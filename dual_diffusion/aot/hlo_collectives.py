@@ -25,6 +25,11 @@ _KINDS = {"all-gather": "all-gather", "all-gather-done": "all-gather", "all-redu
           "ragged-all-to-all": "all-to-all", "collective-permute": "collective-permute",
           "collective-permute-done": "collective-permute"}
 COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_CONTINUATION = re.compile(r'"async_collective_fusion_config":\{"flag_start":"(-?\d+)"')
+# Transfers between TPU slices (multi-slice programs): host-transfer sends the megascale runtime carries.
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
+_MEGASCALE_KINDS = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather", "REDUCE_SCATTER": "reduce-scatter",
+                    "ALL_TO_ALL": "all-to-all"}
 
 
 def shape_bytes(shape: str) -> int:
@@ -160,7 +165,7 @@ def _trip_count(attrs: str, operands: str, cond: list, comps: dict, by_name: dic
     return None
 
 
-def collective_bytes(hlo: str, num_devices: int, slice_of=None) -> dict:
+def collective_bytes(hlo: str, num_devices: int, slice_of=None, num_slices: int = 1) -> dict:
     """Bytes moved by collectives in one run of a compiled HLO module, per chip.
 
     Per kind: `ops` (executions), `bytes` (the whole buffer: an all-gather's result,
@@ -170,8 +175,13 @@ def collective_bytes(hlo: str, num_devices: int, slice_of=None) -> dict:
     wire bytes of groups that span slices). Ops inside while loops count trip-count times
     (nested loops multiply); TPU's reduce-scatter (a fusion calling `all-reduce-scatter*`)
     counts as reduce-scatter. `unknown_trip_counts`: loops counted once because their
-    count could not be read. slice_of: device id (position in the program's device
-    assignment) -> slice index, for the DCN split; None counts everything as ICI.
+    count could not be read.
+
+    DCN: a multi-slice TPU program is compiled per slice (its replica groups hold one slice's
+    devices) and moves data between slices by host-transfer `send`s tagged
+    `_xla_megascale_transfer_type` (ALL_REDUCE, ...): each counts as that collective over
+    `num_slices` participants, all of it DCN. slice_of (device id -> slice index) also counts
+    as DCN the groups of ordinary collectives that span slices; None: none do.
     """
     comps, entry = _parse_module(hlo)
     by_name = {i[0]: i for instrs in comps.values() for i in instrs}
@@ -184,52 +194,61 @@ def collective_bytes(hlo: str, num_devices: int, slice_of=None) -> dict:
                 cond = re.search(r"condition=%?([\w.\-]+)", attrs).group(1)
                 trips = _trip_count(attrs, ops, comps.get(cond, []), comps, by_name)
                 unknown += trips is None
-                edges[comp].append((body, trips or 1))
+                edges[comp].append((body, trips or 1, True))
             elif op not in ("async-done", "async-update"):  # their calls= is the start's computation
                 for callee in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)",
                                          attrs):
-                    edges[comp].append((callee, 1))
+                    edges[comp].append((callee, 1, False))
                 for group in re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", attrs):
-                    edges[comp] += [(c, 1) for c in re.findall(r"%?([\w.\-]+)", group)]
+                    edges[comp] += [(c, 1, False) for c in re.findall(r"%?([\w.\-]+)", group)]
     # executions per computation: reverse postorder of the call graph from the entry
     order, seen = [], set()
 
     def visit(c):
         seen.add(c)
-        for callee, _ in edges.get(c, ()):
+        for callee, _, _ in edges.get(c, ()):
             if callee not in seen and callee in comps:
                 visit(callee)
         order.append(c)
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(comps) + 100))
     visit(entry)
-    runs = dict.fromkeys(comps, 0)
+    runs, loop_trips = dict.fromkeys(comps, 0), dict.fromkeys(comps, 1)  # loop_trips: of the innermost loop
     runs[entry] = 1
     for c in reversed(order):
-        for callee, mult in edges[c]:
+        for callee, mult, is_loop in edges[c]:
             if callee in runs:
                 runs[callee] += runs[c] * mult
+                loop_trips[callee] = mult if is_loop else loop_trips[c]
     out = {k: {"ops": 0, "bytes": 0, "wire_bytes": 0, "dcn_wire_bytes": 0, "by_dtype": {}} for k in COLLECTIVE_KINDS}
     for comp, instrs in comps.items():
         if not runs[comp]:
             continue
         in_rs = comp.startswith("all-reduce-scatter")
         for name, shape, op, ops, attrs in instrs:
-            kind = _KINDS.get(op)
+            kind, dcn_share = _KINDS.get(op), None
+            if op == "send" and (m := _MEGASCALE.search(attrs)):  # a DCN transfer between slices
+                kind, dcn_share = _MEGASCALE_KINDS.get(m.group(1), "collective-permute"), 1.0
+                shape = _ARRAY.search(shape).group(0)  # the data, not the (data, u32, token) tuple
             if kind is None:
                 continue
             if op.endswith("-done"):  # the group is on the matching -start
                 start = re.findall(r"%([\w.\-]+)", ops)
                 attrs = by_name[start[0]][4] if start and start[0] in by_name else attrs
             kind = "reduce-scatter" if in_rs and kind == "all-reduce" else kind
-            n = _group_size(attrs, num_devices)
+            n = num_slices if dcn_share else _group_size(attrs, num_devices)
             size = shape_bytes(shape) * (n if op == "reduce-scatter" else 1)
             row = out[kind]
-            wire = int(runs[comp] * size * _wire_factor(kind, n))
-            row["ops"] += runs[comp]
-            row["bytes"] += runs[comp] * size
+            # A continuation (TPU async collective fusion over loop steps start..end) moves its buffer once
+            # per run of the loop it is spread over, in pieces, not once per trip.
+            spread = _CONTINUATION.search(attrs)
+            count = runs[comp] // loop_trips[comp] if spread and int(spread.group(1)) >= 0 else runs[comp]
+            wire = int(count * size * _wire_factor(kind, n))
+            row["ops"] += count
+            row["bytes"] += count * size
             row["wire_bytes"] += wire
-            row["dcn_wire_bytes"] += int(wire * _crossing_share(op, attrs, num_devices, slice_of))
+            share = dcn_share if dcn_share is not None else _crossing_share(op, attrs, num_devices, slice_of)
+            row["dcn_wire_bytes"] += int(wire * share)
             for dtype in sorted(set(_ARRAY_DTYPE.findall(shape))):
                 row["by_dtype"][dtype] = row["by_dtype"].get(dtype, 0) + wire
     out["total_bytes"] = sum(out[k]["bytes"] for k in COLLECTIVE_KINDS)

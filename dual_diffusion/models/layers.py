@@ -73,12 +73,16 @@ class Linear(nnx.Module):
         self.bias = param(bias_init, rngs, (out_features,), (axes[1],), param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        return self.each([x], out_dtype)[0]
+
+    def each(self, xs: Sequence[jax.Array], out_dtype=None) -> list[jax.Array]:
+        """The layer on each input of `xs`, its kernel read (on a mesh: gathered) once for all of them."""
         out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
         kernel = use_weight(self.kernel[...].astype(self.dtype), self.axes)  # cast on the shard, then gathered
-        y = jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=out_dtype)
+        ys = [jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=out_dtype) for x in xs]
         if self.bias is not None:
-            y = y + self.bias[...].astype(out_dtype)
-        return y
+            ys = [y + self.bias[...].astype(out_dtype) for y in ys]
+        return ys
 
 
 class RMSNorm(nnx.Module):

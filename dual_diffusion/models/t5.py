@@ -84,24 +84,28 @@ class T5Layer(nnx.Module):
             self.wi = Linear(d, ff, ("embed", "mlp"), kernel_init=normal(d ** -0.5), **lin)
         self.wo = Linear(ff, d, ("mlp", "embed"), kernel_init=normal(ff ** -0.5), **lin)
 
-    def __call__(self, h_BxLxD: jax.Array, bias_BxHxLxL: jax.Array) -> jax.Array:
-        """h: float32 residual stream; bias: position bias + key mask (float32)."""
-        B, L, _ = h_BxLxD.shape
-        x = self.attn_norm(h_BxLxD)
-        heads = lambda t: constrain(t.reshape(B, L, self.num_heads, self.head_dim), ("batch", "seq", "heads", None))
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        # T5 folds any 1/sqrt(d) into its weights: unscaled logits (scale=1.0).
-        a = attention(q, k, v, impl=self.attention_impl, bias=bias_BxHxLxL, scale=1.0)
-        h_BxLxD = h_BxLxD + self.o(a.reshape(B, L, -1), out_dtype=jnp.float32)
+    def __call__(self, hs: tuple[jax.Array, ...], biases: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        """Each row set h (float32 residual stream, (B, L, D)) with its bias (position bias + key mask, float32).
 
-        x = self.ff_norm(h_BxLxD)
+        The layer's weights are read once for all sets (on a mesh: gathered once per layer).
+        """
+        heads = lambda t: constrain(t.reshape(t.shape[:2] + (self.num_heads, self.head_dim)),  # noqa: E731
+                                    ("batch", "seq", "heads", None))
+        xs = [self.attn_norm(h) for h in hs]
+        # T5 folds any 1/sqrt(d) into its weights: unscaled logits (scale=1.0).
+        attended = [attention(heads(q), heads(k), heads(v), impl=self.attention_impl, bias=bias, scale=1.0)
+                    .reshape(h.shape[:2] + (-1,))
+                    for q, k, v, bias, h in zip(self.q.each(xs), self.k.each(xs), self.v.each(xs), biases, hs)]
+        hs = [h + o for h, o in zip(hs, self.o.each(attended, out_dtype=jnp.float32))]
+
+        xs = [self.ff_norm(h) for h in hs]
         if self.gated:  # "gelu_new" = tanh approximation
-            f = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
+            fs = [jax.nn.gelu(a, approximate=True) * b for a, b in zip(self.wi_0.each(xs), self.wi_1.each(xs))]
         else:
-            f = jax.nn.relu(self.wi(x))
-        f = constrain(f, ("batch", "seq", "mlp"))
+            fs = [jax.nn.relu(a) for a in self.wi.each(xs)]
+        fs = [constrain(f, ("batch", "seq", "mlp")) for f in fs]
         # transformers keeps wo in float32 under half precision; we accumulate it in float32.
-        return constrain(h_BxLxD + self.wo(f, out_dtype=jnp.float32), STREAM)
+        return tuple(constrain(h + w, STREAM) for h, w in zip(hs, self.wo.each(fs, out_dtype=jnp.float32)))
 
 
 class T5Encoder(nnx.Module):
@@ -184,8 +188,7 @@ class T5Encoder(nnx.Module):
         states = [nnx.state(layer) for layer in self.layers]
 
         def one_layer(hs, state):
-            layer = nnx.merge(graphdef, state)
-            out = tuple(layer(constrain(h, STREAM), b) for h, b in zip(hs, biases))
+            out = nnx.merge(graphdef, state)(tuple(constrain(h, STREAM) for h in hs), biases)
             return tuple(jax.lax.stop_gradient(h) if s else h for h, s in zip(out, stop))
 
         one_layer = remat(one_layer, self.runtime.remat_policy)
