@@ -2,7 +2,8 @@
 
 Each process reads its own share of the data and the global batch is assembled from the per-process batches;
 Orbax writes from every process, the lease and the samples belong to process 0, and a run stopped after a
-checkpoint and started again ends with the metrics of a straight run.
+checkpoint and started again ends with the metrics of a straight run. T5 trains its mask row only (stage 2's
+layout), and the workdir's reader folds it back into the table.
 """
 import json
 import shutil
@@ -15,7 +16,7 @@ TINY = ["-m", "dual_diffusion.train", "--config=configs/demo.py", "--config.trai
         "--config.train.log_every=1", "--config.checkpoint.every_steps=2", "--config.eval.shapes_suite=False",
         "--config.model.transformer.num_layers=1", "--config.model.text_encoder.num_layers=1",
         "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=2", "--config.data.text_length=24",
-        "--config.tokenizer.train_vocab_size=300"]
+        "--config.tokenizer.train_vocab_size=300", "--config.model.text_encoder_trainable=mask_row"]
 SAMPLES = ["--config.samples.image_steps=2", "--config.samples.text_steps=2", "--config.samples.num_caption_images=2"]
 
 # Each process prints its own data share and the global batch it fed (first step), read back by the data test.
@@ -89,6 +90,19 @@ def test_two_processes_train_save_and_resume_exactly(tmp_path, cache):
     assert {p.name for p in (step / "state").iterdir()} >= {"ocdbt.process_0", "ocdbt.process_1"}
     straight = _metrics(workdir)
     assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    # Readers of the workdir see T5's trained mask row (EMA) folded back into its frozen table.
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from dual_diffusion.checkpoints.pretrained import load_pretrained, restore_here
+
+    mask_id = json.loads((workdir / "model.json").read_text())["mask_id"]
+    table = np.asarray(load_pretrained(workdir, components=("text_encoder",)).states["text_encoder"]["embedding"][...])
+    with ocp.StandardCheckpointer() as ckptr:  # written by 2 processes, read by this one
+        row = restore_here(ckptr, step / "state")["ema"]["text_encoder"]["mask_row"]
+        frozen = restore_here(ckptr, workdir / "frozen")["text_encoder"]["embedding"]
+    np.testing.assert_array_equal(table[mask_id], np.asarray(row)[0])
+    np.testing.assert_array_equal(np.delete(table, mask_id, 0), np.delete(np.asarray(frozen), mask_id, 0))
 
     # Stopped after step 2's checkpoint: the rerun resumes there and ends with the straight run's metrics.
     shutil.rmtree(step)

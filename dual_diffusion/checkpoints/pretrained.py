@@ -158,6 +158,15 @@ def _workdir_tokenizer(path: epath.Path, recorded: str) -> Tokenizer:
                             f"was found neither as given nor inside {path}")
 
 
+def restore_here(ckptr, path: epath.Path) -> dict:
+    """An Orbax checkpoint onto this process's first device, whatever devices and hosts wrote it (a pod's
+    checkpoint restores on a workstation: Orbax alone refuses a different topology)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          ckptr.metadata(path).item_metadata.tree)
+    return ckptr.restore(path, target)
+
+
 def _restore_newest(directory: epath.Path) -> tuple[int, dict]:
     """(step, train state) of the newest complete checkpoint that restores; older ones are tried in turn
     when a newer one is damaged (nothing is moved: a running trainer may own the workdir)."""
@@ -172,7 +181,7 @@ def _restore_newest(directory: epath.Path) -> tuple[int, dict]:
     with ocp.StandardCheckpointer() as ckptr:
         for step in steps:
             try:
-                return step, ckptr.restore(directory / str(step) / "state")
+                return step, restore_here(ckptr, directory / str(step) / "state")
             except Exception as e:  # noqa: BLE001  (any read failure: try the next older step)
                 errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
                 warnings.warn(f"load_pretrained: checkpoint {directory / str(step)} does not restore "
@@ -196,7 +205,7 @@ def _load_workdir(path: epath.Path, runtime: Runtime, mesh, rules, components: S
     step, state = _restore_newest(path / "checkpoints")
     with ocp.StandardCheckpointer() as ckptr:
         frozen_dir = path / "frozen"
-        frozen = ckptr.restore(frozen_dir) if frozen_dir.exists() else None
+        frozen = restore_here(ckptr, frozen_dir) if frozen_dir.exists() else None
     trained = state.get("ema") or state["params"]
     base = None
     if frozen is None:
