@@ -234,9 +234,7 @@ def describe(report: dict) -> str:
            + (f" = {_ms(report['dcn_seconds'])} at {report['dcn_gbps_per_chip']:g} Gbps per chip"
               if "dcn_seconds" in report else "") if report["num_slices"] > 1 else "one slice: no DCN")
     lines.append(f"  {ici}; {dcn}")
-    lines.append(f"  weight gathers (all-gather, collective-permute) by dtype: "
-                 f"{_by_dtype(c, ('all-gather', 'collective-permute'))}; reductions (reduce-scatter, all-reduce): "
-                 f"{_by_dtype(c, ('reduce-scatter', 'all-reduce'))}")
+    lines.append("  by dtype: " + "; ".join(f"{k} {_by_dtype(c, (k,))}" for k in COLLECTIVE_KINDS if c[k]["ops"]))
     alt = report["frozen_alternative"]
     fits = {True: "would fit", False: "would not fit", None: "(no HBM figure)"}[alt["fits"]]
     lines.append(f"frozen weights: sharding.frozen_rules={report['frozen_placement']} "

@@ -190,7 +190,11 @@ def make_split(abstract: dict[str, nnx.Module], arch: dict[str, dict], t5_traina
         graphdefs[name] = nnx.graphdef(module)
         param_paths = frozenset(_flat(nnx.to_pure_dict(nnx.state(module, nnx.Param))))
         if name == "text_encoder":
-            embed = embedding_path(_flat(nnx.to_pure_dict(nnx.state(module, nnx.Param))), arch["text_encoder"])
+            try:
+                embed = embedding_path(_flat(nnx.to_pure_dict(nnx.state(module, nnx.Param))), arch["text_encoder"])
+            except ValueError:
+                if t5_trainable == "mask_row":
+                    raise  # elsewhere the table only decides what is stored in frozen_dtype
         if name == "transformer" or (name == "text_encoder" and t5_trainable == "all"):
             trainable[name] = param_paths
     if t5_trainable == "mask_row" and embed is not None and mask_id is None:
