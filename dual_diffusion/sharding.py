@@ -19,6 +19,7 @@ import threading
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -258,7 +259,7 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> N
 # (collective-permutes), about 70 GiB per chip per stage-2 step (README, "Will it fit?"). `use_weight`
 # states the gather: the weight, cast to the compute dtype on its own shard, is gathered over the batch's
 # axes (tensor-parallel axes stay), so the gather moves the compute dtype; in the backward pass its
-# gradient is reduce-scattered straight back to the shard.
+# gradient, cast back to the stored dtype, is reduce-scattered straight back to the shard.
 _WEIGHT_RULES = threading.local()
 
 
@@ -274,29 +275,32 @@ def weights_placed_by(rules: Sequence[tuple[str, Any]] | None):
         _WEIGHT_RULES.value = previous
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather(w: jax.Array, stored: NamedSharding, used: NamedSharding) -> jax.Array:
-    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(w, stored), used)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather(w: jax.Array, stored: NamedSharding, used: NamedSharding, dtype, stored_dtype) -> jax.Array:
+    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(w, stored).astype(dtype), used)
 
 
-def _gather_fwd(w, stored, used):
-    return _gather(w, stored, used), None
+def _gather_fwd(w, stored, used, dtype, stored_dtype):
+    return _gather(w, stored, used, dtype, stored_dtype), None
 
 
-def _gather_bwd(stored, used, _, g):
-    return (jax.lax.with_sharding_constraint(g, stored),)
+def _gather_bwd(stored, used, dtype, stored_dtype, _, g):
+    # Back to the stored dtype BEFORE the reduce-scatter: gradients are reduced in float32 (the trainable
+    # weights' dtype) although the forward gathered the compute dtype.
+    return (jax.lax.with_sharding_constraint(g.astype(stored_dtype), stored),)
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def use_weight(w: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """The weight `w` (logical axes `logical`, already in the compute dtype) as a matmul reads it: gathered
-    over the mesh axes of the `batch` rule, from the shards it is stored in. Identity without an active
-    mesh, or when it is stored whole on those axes (replicated frozen weights)."""
+def use_weight(w: jax.Array, logical: Sequence[str | None], dtype) -> jax.Array:
+    """The weight `w` (logical axes `logical`, as stored) in `dtype` as a matmul reads it: cast on its
+    shard, then gathered over the mesh axes of the `batch` rule. Its gradient is reduce-scattered back in
+    w's own dtype (float32 for trainable weights). Only the cast without an active mesh, or when w is
+    stored whole on those axes (replicated frozen weights)."""
     active = active_mesh_and_rules()
     if active is None:
-        return w
+        return w.astype(dtype)
     mesh, rules = active
     stored = fit_spec(logical_to_mesh_spec(logical, getattr(_WEIGHT_RULES, "value", None) or rules), w.shape, mesh)
     batch = dict(rules).get("batch") or ()
@@ -304,5 +308,5 @@ def use_weight(w: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     keep = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in batch)  # noqa: E731
     used = P(*[(kept[0] if len(kept) == 1 else kept or None) for kept in map(keep, stored)])
     if used == stored:
-        return w
-    return _gather(w, NamedSharding(mesh, stored), NamedSharding(mesh, used))
+        return w.astype(dtype)
+    return _gather(w, NamedSharding(mesh, stored), NamedSharding(mesh, used), jnp.dtype(dtype), w.dtype)

@@ -62,3 +62,24 @@ def test_frozen_rules_replicate_every_axis_or_follow_the_rules():
     assert all(axes is None for _, axes in replicated)
     with pytest.raises(ValueError, match=r"sharding.frozen_rules='tp': expected one of \['fsdp', 'replicated'\]"):
         sharding.frozen_rules(rules, "tp")
+
+
+def test_matmul_gradients_are_those_of_jnp_dot():
+    """layers.matmul only changes the dtype its kernel gradient is accumulated in (float32, so FSDP
+    reduces it in float32): in float32 both of its gradients are jnp.dot's."""
+    import jax.numpy as jnp
+
+    from dual_diffusion.models.layers import matmul
+
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x, k = jax.random.normal(kx, (3, 5, 8)), jax.random.normal(kk, (8, 4))
+    g = jax.random.normal(kg, (3, 5, 4))
+    ours = jax.vjp(lambda a, b: matmul(a, b, jnp.float32), x, k)
+    ref = jax.vjp(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), x, k)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
+    for a, b in zip(ours[1](g), ref[1](g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # bf16 operands: the kernel's cotangent comes back in the kernel's dtype, from a float32 accumulation
+    dk = jax.vjp(lambda b: matmul(x.astype(jnp.bfloat16), b, jnp.bfloat16), k.astype(jnp.bfloat16))[1](
+        g.astype(jnp.bfloat16))[0]
+    assert dk.dtype == jnp.bfloat16

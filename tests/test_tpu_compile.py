@@ -257,16 +257,22 @@ def two_slice_report(libtpu):
 
 def test_two_slices_cross_the_dcn_only_to_reduce_gradients(two_slice_report):
     """Slices go on the data axis: FSDP's gathers stay on ICI and move bf16 kernels; the DCN carries the
-    gradients' reduction across the two slices, no more than the trainable float32 bytes each chip holds."""
+    gradients' float32 reduction across the two slices, no more than the trainable float32 bytes each chip
+    holds."""
     r = two_slice_report
     assert (r["num_slices"], r["chips"], r["mesh"]) == (2, 8, {"data": 2, "fsdp": 4, "tensor": 1})
     c = r["collectives"]
     assert c["dcn_wire_bytes"] > 0 and c["dcn_wire_bytes"] == sum(c[k]["dcn_wire_bytes"] for k in
                                                                   ("all-reduce", "reduce-scatter"))
-    assert c["dcn_wire_bytes"] <= r["bytes_per_device"]["params"]
+    # the cross-slice sends are the chip's float32 gradient shards, in TPU tiles (8 x 128: 2% of padding
+    # on this tiny model's shards)
+    assert c["dcn_wire_bytes"] <= 1.03 * r["bytes_per_device"]["params"]
     gathers = c["all-gather"]["by_dtype"]
     # float32 gathers are what the networks read in float32 (biases, norm scales, small tables)
     assert gathers["bf16"] > 20 * gathers.get("f32", 0), gathers
+    # gradients are reduced in float32 although the kernels were gathered in bf16 (layers.matmul)
+    assert set(c["reduce-scatter"]["by_dtype"]) == {"f32"}, c["reduce-scatter"]
+    assert c["all-reduce"]["by_dtype"]["f32"] > 20 * c["all-reduce"]["by_dtype"].get("bf16", 0), c["all-reduce"]
     assert r["dcn_seconds"] == pytest.approx(c["dcn_wire_bytes"] / (50e9 / 8))
     assert r["ici_seconds"] == pytest.approx(c["ici_wire_bytes"] / 6.0e11)
     assert any(line.strip().startswith("ICI ") and "DCN (groups across the 2 slices)" in line

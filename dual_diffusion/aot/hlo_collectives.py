@@ -93,10 +93,11 @@ def _group_size(attrs: str, num_devices: int) -> int:
     return len(replica_groups(attrs, num_devices)[0])
 
 
-def _crossing_share(op: str, attrs: str, num_devices: int, slice_of) -> float:
-    """Share of the chips whose part of this collective crosses slices (goes over the DCN): for a
-    permute, the pairs whose two ends lie in different slices; otherwise the chips whose group spans
-    more than one slice."""
+def _dcn_share(kind: str, op: str, attrs: str, num_devices: int, slice_of) -> float:
+    """Share of this collective's wire bytes that goes over the DCN. A permute: the pairs whose two ends
+    lie in different slices. A group spanning s slices with k chips in each runs hierarchically (as
+    Multislice collectives do): within each slice on the ICI, and only a 1/k share of the buffer per chip
+    across the s slices, so its DCN bytes are those of a group of s on 1/k of the buffer."""
     if slice_of is None:
         return 0.0
     if op.startswith("collective-permute"):
@@ -104,8 +105,12 @@ def _crossing_share(op: str, attrs: str, num_devices: int, slice_of) -> float:
         pairs = [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}", listed.group(1) if listed else "")]
         return sum(slice_of[a] != slice_of[b] for a, b in pairs) / max(len(pairs), 1)
     groups = replica_groups(attrs, num_devices)
-    crossing = sum(len(g) for g in groups if len({slice_of[d] for d in g}) > 1)
-    return crossing / max(sum(len(g) for g in groups), 1)
+    dcn = 0.0
+    for g in groups:
+        s = len({slice_of[d] for d in g})
+        if s > 1:
+            dcn += len(g) * _wire_factor(kind, s) * s / len(g) / _wire_factor(kind, len(g))
+    return dcn / max(sum(len(g) for g in groups), 1)
 
 
 def _wire_factor(kind: str, n: int) -> float:
@@ -247,7 +252,7 @@ def collective_bytes(hlo: str, num_devices: int, slice_of=None, num_slices: int 
             row["ops"] += count
             row["bytes"] += count * size
             row["wire_bytes"] += wire
-            share = dcn_share if dcn_share is not None else _crossing_share(op, attrs, num_devices, slice_of)
+            share = dcn_share if dcn_share is not None else _dcn_share(kind, op, attrs, num_devices, slice_of)
             row["dcn_wire_bytes"] += int(wire * share)
             for dtype in sorted(set(_ARRAY_DTYPE.findall(shape))):
                 row["by_dtype"][dtype] = row["by_dtype"].get(dtype, 0) + wire

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dual_diffusion.models.layers import Buffer, Linear, param, xavier_uniform, zeros
+from dual_diffusion.models.layers import Buffer, Linear, matmul, param, xavier_uniform, zeros
 from dual_diffusion.sharding import use_weight
 
 
@@ -92,8 +92,8 @@ class PatchEmbed(nnx.Module):
         h, w = hh // p, ww // p
         patches = latents_BxHxWxC.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, h * w, p * p * c).astype(self.dtype)
-        kernel = use_weight(self.kernel[...].astype(self.dtype), self.kernel_axes).reshape(p * p * c, -1)
-        tokens = jnp.dot(patches, kernel, preferred_element_type=jnp.float32) + self.bias[...]
+        kernel = use_weight(self.kernel[...], self.kernel_axes, self.dtype).reshape(p * p * c, -1)
+        tokens = matmul(patches, kernel, jnp.float32) + self.bias[...]
         return tokens + self.cropped_pos_embed(h, w).astype(jnp.float32)
 
 
