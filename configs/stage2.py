@@ -9,6 +9,9 @@ lambda 0.2, the release's optimizer and EMA, global batch 256 pairs per half, bf
 Data mix: ShareGPT4V, OpenImages, LAION, Midjourney captions (fill config.data).
 Expected --dry_run: params {transformer 2,102,856,100, text_encoder 4,762,310,656,
 vae 83,819,683} and the bytes per device of params / optimizer / EMA.
+T5 trains its mask row only, a (1, 4096) parameter of its own; its frozen weights are stored in bf16 and
+sharded like the rest (sharding.frozen_rules="fsdp"). On v5p / v6e, --config.sharding.frozen_rules=replicated
+keeps T5 whole on every chip and halves the collectives per step (README, "Will it fit?").
 """
 from configs import common
 

@@ -137,7 +137,7 @@ class Bench:
     def __init__(self, config, image_size: int = 0, text_length: int = 0, frozen_dtype: str = "compute"):
         self.config, self.latent_side, self.text_length = bench_config(config, image_size, text_length)
         c = self.config
-        self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        self.mesh = sharding.mesh_from_config(c.mesh)
         self.rules = tuple(tuple(r) for r in c.sharding.rules)
         self.mask_id, self.eos_id = special_ids(c)
         arch = model_configs(c)

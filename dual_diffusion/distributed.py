@@ -32,3 +32,23 @@ def initialize_from_env(environ=None) -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+def barrier(name: str, timeout_s: float = 1800) -> None:
+    """Every process waits here for the others (no-op with one process).
+
+    Through the coordination service, not a device collective: on CPU clusters a collective's gloo
+    context gives up after 30 s, while one process may spend longer alone (training the tokenizer,
+    compiling the step on a loaded host). Each name may be used once per run.
+    """
+    import jax
+    from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize made
+
+    if jax.process_count() == 1:
+        return
+    client = jax_distributed.global_state.client
+    if client is None:  # a cluster JAX joined by itself without a client: fall back to a device barrier
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, int(timeout_s * 1000))

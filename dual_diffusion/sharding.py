@@ -14,10 +14,12 @@ Logical axes:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -42,24 +44,98 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
-    devices = list(jax.devices() if devices is None else devices)
+def slice_index(device) -> int:
+    """The TPU slice a device belongs to (multi-slice runs and topologies); 0 for devices without one (CPU, GPU)."""
+    return int(getattr(device, "slice_index", 0) or 0)
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int, num_slices: int = 1,
+               dcn_data: int = -1) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((data, fsdp, tensor) inside one slice, (dcn_data, 1, 1) across slices), sizes of -1 resolved.
+
+    data / fsdp / tensor describe one slice (one of them may be -1: the slice's remaining devices);
+    slices only ever add to the data axis (dcn_data, -1 = all of them), so FSDP and tensor
+    parallelism stay on ICI. The mesh's `data` axis is dcn_data x data. Raises ValueError naming the key.
+    """
     sizes = [data, fsdp, tensor]
+    named = lambda: dict(zip(MESH_AXES, sizes))  # noqa: E731
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {named()}")
     for name, size in zip(MESH_AXES, sizes):
         if size == 0 or size < -1:
             raise ValueError(f"mesh.{name}={size}: expected a positive size or -1")
+    if dcn_data not in (-1, num_slices):
+        raise ValueError(f"mesh.dcn_data={dcn_data}: the devices span {num_slices} slice(s); slices go on the data "
+                         f"axis, so expected -1 or {num_slices}")
+    if num_devices % num_slices:
+        raise ValueError(f"mesh: {num_devices} devices do not split evenly into {num_slices} slices")
+    per_slice = num_devices // num_slices
+    where = f" per slice ({num_slices} slices)" if num_slices > 1 else ""
     if -1 in sizes:
         known = int(np.prod([s for s in sizes if s != -1]))
-        if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {dict(zip(MESH_AXES, sizes))}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but {len(devices)} devices are present "
-                         f"({dict(zip(MESH_AXES, sizes))})")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+        if per_slice % known:
+            raise ValueError(f"mesh: {per_slice} devices{where} are not divisible by {named()}")
+        sizes[sizes.index(-1)] = per_slice // known
+    if int(np.prod(sizes)) != per_slice:
+        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but {per_slice} devices{where} are "
+                         f"present ({named()})")
+    return (sizes[0], sizes[1], sizes[2]), (num_slices, 1, 1)
+
+
+# Placements of the frozen weights (config.sharding.frozen_rules):
+#   "fsdp"        the same rules as the trainable weights (sharded over fsdp, gathered where used);
+#   "replicated"  every frozen weight on every chip: no gathers of them at all, for their whole size in HBM
+#                 (T5-XXL in bf16 is 8.9 GiB per chip: fits v5p and v6e beside the stage-2 step, not v4 / v5e).
+FROZEN_PLACEMENTS = ("fsdp", "replicated")
+
+
+def frozen_rules(rules: Sequence[tuple[str, Any]], placement: str = "fsdp") -> tuple[tuple[str, Any], ...]:
+    """Logical-axis rules for the frozen weights: `rules` itself, or every axis replicated."""
+    if placement not in FROZEN_PLACEMENTS:
+        raise ValueError(f"sharding.frozen_rules={placement!r}: expected one of {list(FROZEN_PLACEMENTS)}")
+    if placement == "replicated":
+        return tuple((name, None) for name, _ in rules)
+    return tuple(tuple(r) for r in rules)
+
+
+def device_grid(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
+                dcn_data: int = -1) -> np.ndarray:
+    """The (dcn_data x data, fsdp, tensor) array of devices `make_mesh` lays out (see there)."""
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    slices = num_slices(devices)
+    ici, dcn = mesh_shape(data, fsdp, tensor, len(devices), slices, dcn_data)
+    if slices > 1:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    try:
+        return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    except (ValueError, AssertionError, NotImplementedError):  # part of a TPU slice: keep the given order
+        return np.asarray(devices).reshape(ici)
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
+              dcn_data: int = -1) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), ordered by the hardware.
+
+    One of data/fsdp/tensor may be -1 (the remaining devices). On one slice the device order comes from
+    `mesh_utils.create_device_mesh` (the ICI torus on TPU; the given order on CPU). When the devices span
+    several TPU slices (`device.slice_index`), the sizes describe one slice and
+    `mesh_utils.create_hybrid_device_mesh` puts the slices on the data axis (`dcn_data`: -1 = all of them),
+    so FSDP's gathers and tensor parallelism never cross the data-center network.
+    """
+    return Mesh(device_grid(data, fsdp, tensor, devices, dcn_data=dcn_data), MESH_AXES)
+
+
+def num_slices(devices: Sequence[Any] | None = None) -> int:
+    """How many TPU slices `devices` (default: all) span; 1 off TPU."""
+    return len({slice_index(d) for d in (jax.devices() if devices is None else devices)})
+
+
+def mesh_from_config(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
+    """make_mesh from a config's `mesh` group (data, fsdp, tensor, dcn_data)."""
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices,
+                     dcn_data=mesh_config.get("dcn_data", -1))
 
 
 def logical_to_mesh_spec(logical: Iterable[str | None] | None, rules: Sequence[tuple[str, Any]]) -> P:
@@ -175,3 +251,62 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> NamedSharding:
     """Sharding of a batch-major array: the batch dimension over the 'batch' rule."""
     return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+# --------------------------------------------------------------------------- weights where they are used
+# FSDP keeps each weight sharded over the batch's mesh axes and gathers it where a matmul reads it. Left to
+# itself XLA often did otherwise: it kept the weights still and passed activation rows around the ring
+# (collective-permutes), about 70 GiB per chip per stage-2 step (README, "Will it fit?"). `use_weight`
+# states the gather: the weight, cast to the compute dtype on its own shard, is gathered over the batch's
+# axes (tensor-parallel axes stay), so the gather moves the compute dtype; in the backward pass its
+# gradient, cast back to the stored dtype, is reduce-scattered straight back to the shard.
+_WEIGHT_RULES = threading.local()
+
+
+@contextlib.contextmanager
+def weights_placed_by(rules: Sequence[tuple[str, Any]] | None):
+    """Within this context `use_weight` takes the weights as stored by `rules` (e.g. frozen_rules(...));
+    None: by the active activation rules (the trainable weights)."""
+    previous = getattr(_WEIGHT_RULES, "value", None)
+    _WEIGHT_RULES.value = None if rules is None else tuple(tuple(r) for r in rules)
+    try:
+        yield
+    finally:
+        _WEIGHT_RULES.value = previous
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather(w: jax.Array, stored: NamedSharding, used: NamedSharding, dtype, stored_dtype) -> jax.Array:
+    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(w, stored).astype(dtype), used)
+
+
+def _gather_fwd(w, stored, used, dtype, stored_dtype):
+    return _gather(w, stored, used, dtype, stored_dtype), None
+
+
+def _gather_bwd(stored, used, dtype, stored_dtype, _, g):
+    # Back to the stored dtype BEFORE the reduce-scatter: gradients are reduced in float32 (the trainable
+    # weights' dtype) although the forward gathered the compute dtype.
+    return (jax.lax.with_sharding_constraint(g.astype(stored_dtype), stored),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def use_weight(w: jax.Array, logical: Sequence[str | None], dtype) -> jax.Array:
+    """The weight `w` (logical axes `logical`, as stored) in `dtype` as a matmul reads it: cast on its
+    shard, then gathered over the mesh axes of the `batch` rule. Its gradient is reduce-scattered back in
+    w's own dtype (float32 for trainable weights). Only the cast without an active mesh, or when w is
+    stored whole on those axes (replicated frozen weights)."""
+    active = active_mesh_and_rules()
+    if active is None:
+        return w.astype(dtype)
+    mesh, rules = active
+    stored = fit_spec(logical_to_mesh_spec(logical, getattr(_WEIGHT_RULES, "value", None) or rules), w.shape, mesh)
+    batch = dict(rules).get("batch") or ()
+    batch = {batch} if isinstance(batch, str) else set(batch)
+    keep = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in batch)  # noqa: E731
+    used = P(*[(kept[0] if len(kept) == 1 else kept or None) for kept in map(keep, stored)])
+    if used == stored:
+        return w.astype(dtype)
+    return _gather(w, NamedSharding(mesh, stored), NamedSharding(mesh, used), jnp.dtype(dtype), w.dtype)

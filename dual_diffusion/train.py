@@ -159,11 +159,11 @@ def main(argv):
     distributed.initialize_from_env()
 
     # ---- mesh (every config error, data sources included, is found before the workdir is touched)
-    config_check.check_config(config, jax.device_count(), dry_run=FLAGS.dry_run)
+    config_check.check_config(config, jax.device_count(), dry_run=FLAGS.dry_run, num_slices=sharding.num_slices())
     workdir = None if FLAGS.dry_run else checkpointing.check_workdir(FLAGS.workdir)
     lease = None if FLAGS.dry_run else _take_lease(workdir, jax)
     guard = lease.ensure_held if lease is not None else (lambda: None)  # only the holder writes
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = sharding.mesh_from_config(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     logging.info("mesh %s on %d devices / %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
@@ -241,6 +241,8 @@ def main(argv):
         if step == start:
             console(f"compiling the train step (batch {config.train.batch_size} per half)...")
             compile_t0 = time.perf_counter()
+            train_step = train_step.lower(state, frozen, batch).compile()
+            distributed.barrier("dual_diffusion:step_compiled")  # hosts compile at their own pace
         state, metrics = train_step(state, frozen, batch)
         step += 1
         if step == start + 1:  # the first call compiles; later intervals exclude it

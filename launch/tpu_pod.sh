@@ -8,6 +8,7 @@
 #   launch/tpu_pod.sh install           # pip install -e '.[tpu,gcs]' (libtpu pinned to jax, gcsfs) on every worker
 #   launch/tpu_pod.sh train configs/stage2.py $BUCKET/ddit/stage2 --config.init_from=$BUCKET/ckpt/stage1
 #   launch/tpu_pod.sh logs              # tail of the training log of worker 0
+#   launch/tpu_pod.sh flags             # the XLA flags train / dry_run export (dual_diffusion/aot/tpu_flags.py)
 #   launch/tpu_pod.sh delete
 #
 # Checkpoints, metrics.jsonl, TensorBoard events and samples go to the workdir (use a gs:// path so that
@@ -16,9 +17,14 @@
 # running the same `train` command again resumes from the latest checkpoint.
 set -euo pipefail
 
+if [[ "${1:-}" == flags ]]; then  # the XLA flags train and dry_run export (LIBTPU_INIT_ARGS); needs no pod
+  cd "$(dirname "$0")/.." && exec python3 -m dual_diffusion.aot.tpu_flags
+fi
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 REMOTE_DIR=${REMOTE_DIR:-dual_diffusion}
+# Read on the worker from the installed code, so the flags always match the code that runs.
+TPU_FLAGS='LIBTPU_INIT_ARGS="$(python3 -m dual_diffusion.aot.tpu_flags)"'
 ssh_all() {  # runs one command on every worker of the pod, in parallel
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=all --command="$1"
 }
@@ -41,14 +47,15 @@ case "${1:-}" in
     ;;
   train)
     config=${2:?config file}; workdir=${3:?workdir (gs://...)}; shift 3
-    # Same command everywhere; jax.distributed.initialize() finds the pod's other workers by itself.
-    ssh_all "cd ~/$REMOTE_DIR && DD_DISTRIBUTED=1 nohup python3 -m dual_diffusion.train --config=$config --workdir=$workdir $* \
-      > ~/ddit_train.log 2>&1 &"
+    # Same command everywhere; jax.distributed.initialize() finds the pod's other workers by itself. The XLA
+    # flags are the ones the compile report (--dry_run --topology) compiles with: dual_diffusion/aot/tpu_flags.py.
+    ssh_all "cd ~/$REMOTE_DIR && export $TPU_FLAGS && DD_DISTRIBUTED=1 nohup python3 -m dual_diffusion.train \
+      --config=$config --workdir=$workdir $* > ~/ddit_train.log 2>&1 &"
     ;;
   dry_run)
     config=${2:?config file}; shift 2
     gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=0 \
-      --command="cd ~/$REMOTE_DIR && python3 -m dual_diffusion.train --config=$config --dry_run $*"
+      --command="cd ~/$REMOTE_DIR && export $TPU_FLAGS && python3 -m dual_diffusion.train --config=$config --dry_run $*"
     ;;
   logs)
     gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker="${2:-0}" \

@@ -105,6 +105,21 @@ def test_process_shards_are_disjoint_and_cover(tmp_path, tok):
     assert set().union(*seen) == set(range(N)) and sum(map(len, seen)) == N
 
 
+def test_processes_draw_their_own_randomness(tmp_path, tok):
+    """Each process's i-th example makes its own random choices (here: original caption or recaption): a seed
+    shared by all processes would repeat them across the pod."""
+    meta = _json_source(tmp_path / "j")
+    cfg = _config([{"kind": "json", "path": meta}], [{"kind": "json", "path": meta}], original_caption_prob=0.5)
+
+    def originals(p):
+        it = pipeline.make_dual_iterator(cfg, tok, global_batch_size=4, process_index=p, process_count=2)
+        return [tok.decode(ids).startswith("photo") for b in _take(it, 6) for ids in b["t2i"]["text_ids"]]
+
+    shares = [originals(p) for p in range(2)]
+    assert 0 < sum(shares[0]) < 12 and 0 < sum(shares[1]) < 12
+    assert shares[0] != shares[1]
+
+
 def test_epochs_are_reshuffled(tmp_path, tok):
     meta = _json_source(tmp_path / "j")
     cfg = _config([{"kind": "json", "path": meta}], [{"kind": "json", "path": meta}])

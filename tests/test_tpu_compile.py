@@ -94,6 +94,63 @@ ENTRY %main (p: f32[16]) -> f32[64] {
     assert c["total_bytes"] == 256 + 32 + 256 + 256
 
 
+def test_hlo_collectives_split_by_slice_and_dtype():
+    """Groups inside a slice are ICI, groups across slices DCN (iota with a transpose, mesh form, permute pairs)."""
+    hlo = """HloModule m
+
+ENTRY %main (p: f32[16]) -> bf16[64] {
+  %p = f32[16]{0} parameter(0)
+  %ag = f32[64]{0} all-gather(%p), replica_groups=[2,4]<=[8], dimensions={0}
+  %ar = f32[64]{0} all-reduce(%ag), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add
+  %ar2 = bf16[64]{0} all-reduce(%ar), replica_groups=mesh['x'=2,'y'=4] {'y'}, to_apply=%add
+  ROOT %cp = bf16[64]{0} collective-permute(%ar2), source_target_pairs={{0,1},{3,4}}
+}
+"""
+    assert collective_bytes(hlo, 8)["dcn_wire_bytes"] == 0  # no slices given: all ICI
+    c = collective_bytes(hlo, 8, slice_of=[0, 0, 0, 0, 1, 1, 1, 1])
+    assert c["all-gather"]["dcn_wire_bytes"] == 0 and c["all-gather"]["wire_bytes"] == 192
+    assert c["all-reduce"]["by_dtype"] == {"f32": 256, "bf16": 192}  # {0,4},... x 2 x 1/2; groups of 4 x 2 x 3/4
+    assert c["all-reduce"]["dcn_wire_bytes"] == 256  # the f32 one's groups {0,4}, {1,5}, ... cross; the mesh's do not
+    assert (c["collective-permute"]["wire_bytes"], c["collective-permute"]["dcn_wire_bytes"]) == (128, 64)
+    assert c["dcn_wire_bytes"] == 256 + 64 and c["ici_wire_bytes"] == c["total_wire_bytes"] - 320
+
+
+def test_a_continuation_spread_over_a_loop_moves_its_buffer_once_and_dcn_sends_count():
+    """TPU async collective fusion spreads one collective over steps of a loop (flag_start..flag_end in its
+    backend_config): once per run of the loop, not per trip. Multi-slice programs move data between slices by
+    megascale host-transfer sends: DCN."""
+    cfg = lambda start: '"async_collective_fusion_config":{"flag_start":"%d","flag_end":"8"}' % start  # noqa: E731
+    hlo = """HloModule m
+
+%body (c: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %c = (s32[], f32[64]) parameter(0)
+  %i = s32[] get-tuple-element(%c), index=0
+  %x = f32[64] get-tuple-element(%c), index=1
+  %spread = f32[64]{0} all-gather(%x), replica_groups=[1,4]<=[4], backend_config={CFG2}
+  %each = f32[64]{0} all-gather(%spread), replica_groups=[1,4]<=[4], backend_config={CFGM}
+  ROOT %t = (s32[], f32[64]) tuple(%i, %each)
+}
+
+%cond (c: (s32[], f32[64])) -> pred[] {
+  %c = (s32[], f32[64]) parameter(0)
+  ROOT %lt = pred[] compare(%i, %i), direction=LT
+}
+
+ENTRY %main (p: f32[64]) -> f32[64] {
+  %p = f32[64]{0} parameter(0)
+  %t0 = (s32[], f32[64]) tuple(%p, %p)
+  %w = (s32[], f32[64]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"8"}}
+  %tok = token[] after-all()
+  %s = (bf16[16]{0}, u32[], token[]) send(%p, %tok), is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE",_xla_megascale_reduce_operation="SUM"}
+  ROOT %r = f32[64]{0} get-tuple-element(%w), index=1
+}
+""".replace("CFG2", cfg(2)).replace("CFGM", cfg(-1))
+    c = collective_bytes(hlo, 4, num_slices=2)
+    assert c["all-gather"]["ops"] == 1 + 8 and c["all-gather"]["bytes"] == 9 * 256
+    assert c["all-reduce"]["ops"] == 1 and c["all-reduce"]["bytes"] == 32  # bf16[16], not the tuple
+    assert c["all-reduce"]["dcn_wire_bytes"] == c["dcn_wire_bytes"] == 32  # 2 x (2-1)/2 x 32
+
+
 def _scanned_gather(devices, outer=3, inner=5, rows=8, width=128):
     """Compiled HLO of an all-gather inside a scan of `inner` inside a scan of `outer`, and its bytes per run."""
     n = len(devices)
@@ -187,6 +244,58 @@ def test_demo_compile_report(demo_report):
 def test_demo_compile_has_pallas_kernels(demo_report):
     """On a TPU mesh the MM-DiT's attention is Pallas splash attention (issue 11, item 2)."""
     assert demo_report["pallas_kernels"] > 0
+
+
+@pytest.fixture(scope="module")
+def two_slice_report(libtpu):
+    """The demo (bf16, T5's mask row trains, FSDP inside each slice) on two v5p-8 slices joined by the DCN."""
+    name = "2xv5p-8"
+    config = _small_demo(**{"runtime.dtype": "bfloat16", "mesh.data": 1, "mesh.fsdp": -1,
+                            "model.text_encoder_trainable": "mask_row", "runtime.attention_impl": "xla"})
+    return compile_report.compile_for_devices(config, topology.topology_devices(name), topology.slice_info(name))
+
+
+def test_two_slices_cross_the_dcn_only_to_reduce_gradients(two_slice_report):
+    """Slices go on the data axis: FSDP's gathers stay on ICI and move bf16 kernels; the DCN carries the
+    gradients' float32 reduction across the two slices, no more than the trainable float32 bytes each chip
+    holds."""
+    r = two_slice_report
+    assert (r["num_slices"], r["chips"], r["mesh"]) == (2, 8, {"data": 2, "fsdp": 4, "tensor": 1})
+    c = r["collectives"]
+    assert c["dcn_wire_bytes"] > 0 and c["dcn_wire_bytes"] == sum(c[k]["dcn_wire_bytes"] for k in
+                                                                  ("all-reduce", "reduce-scatter"))
+    # the cross-slice sends are the chip's float32 gradient shards, in TPU tiles (8 x 128: 2% of padding
+    # on this tiny model's shards)
+    assert c["dcn_wire_bytes"] <= 1.03 * r["bytes_per_device"]["params"]
+    gathers = c["all-gather"]["by_dtype"]
+    # float32 gathers are what the networks read in float32 (biases, norm scales, small tables)
+    assert gathers["bf16"] > 20 * gathers.get("f32", 0), gathers
+    # gradients are reduced in float32 although the kernels were gathered in bf16 (layers.matmul)
+    assert set(c["reduce-scatter"]["by_dtype"]) == {"f32"}, c["reduce-scatter"]
+    assert c["all-reduce"]["by_dtype"]["f32"] > 20 * c["all-reduce"]["by_dtype"].get("bf16", 0), c["all-reduce"]
+    assert r["dcn_seconds"] == pytest.approx(c["dcn_wire_bytes"] / (50e9 / 8))
+    assert r["ici_seconds"] == pytest.approx(c["ici_wire_bytes"] / 6.0e11)
+    assert any(line.strip().startswith("ICI ") and "DCN (groups across the 2 slices)" in line
+               for line in compile_report.describe(r).splitlines())
+
+
+def test_pod_xla_flags_are_accepted_by_this_libtpu(libtpu, demo_report):
+    """The flags launch/tpu_pod.sh exports: the compile report compiles with them (demo_report), and libtpu
+    takes them as LIBTPU_INIT_ARGS at start-up (an unknown flag aborts the process)."""
+    from dual_diffusion.aot import tpu_flags
+
+    assert demo_report["xla_flags"] == tpu_flags.compiler_options()
+    flags = subprocess.run(["bash", "launch/tpu_pod.sh", "flags"], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True).stdout.strip()
+    assert flags == tpu_flags.libtpu_init_args() and flags.count("--xla_") == len(tpu_flags.TPU_FLAGS)
+    probe = ("from dual_diffusion.aot import topology; from dual_diffusion import sharding; import jax;"
+             "mesh = sharding.make_mesh(1, -1, 1, devices=topology.topology_devices('v5e-8'));"
+             "x = jax.ShapeDtypeStruct((64, 64), 'bfloat16', sharding=jax.NamedSharding(mesh, jax.P('fsdp')));"
+             "print(jax.jit(lambda a: a @ a.T).lower(x).compile() is not None)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               LIBTPU_INIT_ARGS=flags)
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("True"), r.stderr[-2000:]
 
 
 def test_oversized_batch_is_one_line_error_from_the_command_line(libtpu):

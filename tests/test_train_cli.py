@@ -124,9 +124,11 @@ def test_dry_run_of_stage_configs_and_variants(fast_dry_runs, config):
 def test_dry_run_of_full_size_configs(full_dry_runs, config):
     report = _check_report(full_dry_runs[config])
     assert report["params"] == {"transformer": 2_102_856_100, "text_encoder": 4_762_310_656, "vae": 83_819_683}
-    if config == "configs/stage2.py":  # T5's mask row trains in stage 2 (the embedding is a trained param)
+    if config == "configs/stage2.py":  # T5's mask row trains in stage 2: a (1, 4096) parameter of its own
         per_dev = report["bytes_per_device"]
-        # fsdp over 8 devices: the trainable float32 weights (MM-DiT + T5 embedding) split 8 ways.
-        assert per_dev["params"] == pytest.approx((2_102_856_100 + 32128 * 4096) * 4 / 8, rel=0.01)
+        # fsdp over 8 devices: the trainable float32 weights (the MM-DiT) split 8 ways, the mask row whole.
+        assert per_dev["params"] == pytest.approx(2_102_856_100 * 4 / 8 + 4096 * 4, rel=0.01)
+        # the frozen T5 in bf16, split 8 ways, and the VAE's (replicated) bf16 convolutions
+        assert per_dev["frozen"] == pytest.approx(4_762_310_656 * 2 / 8 + 83_819_683 * 2, rel=0.03)
         assert per_dev["optimizer"] == pytest.approx(2 * per_dev["params"], rel=0.01)
         assert per_dev["ema"] == per_dev["params"]

@@ -136,6 +136,23 @@ def test_no_step_restores_is_one_error_and_moves_nothing(tmp_path):
     ckpt.close()
 
 
+def test_checkpoint_training_the_whole_t5_table_is_one_clear_error(tmp_path):
+    """A checkpoint of the layout before the mask row was a parameter of its own (T5's table in params) does
+    not resume: one line says why, and nothing is moved aside."""
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    old = {"step": jnp.int32(4), "params": {"text_encoder": {"embedding": jnp.zeros((8, 4))}, "w": jnp.ones(3)}}
+    ckpt.save(4, old)
+    ckpt.wait()
+    now = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+           "params": {"text_encoder": {"mask_row": jax.ShapeDtypeStruct((1, 4), jnp.float32)},
+                      "w": jax.ShapeDtypeStruct((3,), jnp.float32)}}
+    with pytest.raises(checkpointing.CheckpointError, match=r"checkpoint step 4 in .* trains T5's whole embedding "
+                       r"table \(params.text_encoder.embedding.*params.text_encoder.mask_row\)"):
+        ckpt.restore_latest(now)
+    assert os.listdir(tmp_path / "checkpoints") == ["4"]
+    ckpt.close()
+
+
 # --------------------------------------------------------------------------- metrics
 def test_torn_last_metrics_line_and_the_old_runs_future_are_dropped(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"

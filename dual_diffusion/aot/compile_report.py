@@ -1,15 +1,18 @@
 r"""Will it fit? Compile the real train step for a TPU slice from any host and report per chip.
 
   python -m dual_diffusion.train --config=configs/stage2.py --dry_run --topology=v5p-64 [--find_max_batch]
+  python -m dual_diffusion.train --config=configs/stage2.py --dry_run --topology=2xv5p-64   # two slices
 
 `compile_for_devices(config, devices)` builds the step as train.py does (mesh over
 `devices`, plan, loss, abstract batch, make_train_step), compiles it on abstract
-inputs and returns a dict: bytes per chip of params / optimizer / EMA / frozen, XLA's
-argument / output / temporary / peak bytes against the chip's HBM, the number of
-Pallas kernels, the bytes collectives move per step (loops counted by trip count),
-the ICI time they imply, the analytic FLOPs per chip and the compile seconds.
-A step that does not fit raises DoesNotFit; the CLI prints it as one `error:` line
-naming the knobs, exit status 2.
+inputs with the pod's XLA flags (aot/tpu_flags.py) and returns a dict: bytes per chip
+of params / optimizer / EMA / frozen, XLA's argument / output / temporary / peak bytes
+against the chip's HBM, the number of Pallas kernels, the bytes collectives move per
+step (loops counted by trip count) by kind and dtype, split into ICI and DCN (groups
+that span slices) with the time each implies, the other frozen-weight placement
+(sharding.frozen_rules) estimated from this compile, the analytic FLOPs per chip and
+the compile seconds. A step that does not fit raises DoesNotFit; the CLI prints it as
+one `error:` line naming the knobs, exit status 2.
 """
 from __future__ import annotations
 
@@ -19,16 +22,20 @@ import re
 import sys
 import time
 
+import jax
+
+from dual_diffusion import sharding
+from dual_diffusion.aot import tpu_flags
 from dual_diffusion.aot.hlo_collectives import COLLECTIVE_KINDS, collective_bytes, count_pallas_kernels
 from dual_diffusion.aot.topology import GiB, Slice, TopologyError, slice_info, topology_devices
 
 
 # --------------------------------------------------------------------------- any program: compile, measure
-def compile_lowered(lowered, hbm_limit: int | None):
-    """(compiled, seconds) of a jax `Lowered`; XLA's out-of-memory error becomes DoesNotFit."""
+def compile_lowered(lowered, hbm_limit: int | None, options: dict | None = None):
+    """(compiled, seconds) of a jax `Lowered` with XLA `options`; XLA's out-of-memory error becomes DoesNotFit."""
     t0 = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options or None)
     except Exception as e:
         oom = _xla_oom(str(e), hbm_limit)
         if oom is None:
@@ -37,10 +44,13 @@ def compile_lowered(lowered, hbm_limit: int | None):
     return compiled, time.perf_counter() - t0
 
 
-def program_report(compiled, chips: int, chip=None, analytic_flops_per_chip: int = 0) -> dict:
+def program_report(compiled, chips: int, chip=None, analytic_flops_per_chip: int = 0, *, slice_of=None,
+                   hlo_path: str | None = None) -> dict:
     """Per chip: XLA's memory (argument / output / temporaries / peak) against the chip's HBM, Pallas
-    kernels, collective bytes (and their ICI time), FLOPs (analytic, and XLA's cost analysis) and their
-    time at peak. `chip`: an aot.topology.Chip, or None (no HBM / ICI / peak figures)."""
+    kernels, collective bytes by kind and dtype, split into ICI and DCN (groups spanning slices) with the
+    time each takes, FLOPs (analytic, and XLA's cost analysis) and their time at peak. `chip`: an
+    aot.topology.Chip, or None (no HBM / ICI / peak figures); `slice_of`: the slice of each device in the
+    program's device order (None: one slice); `hlo_path`: also write the compiled HLO text there."""
     mem = compiled.memory_analysis()
     xla = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp",
                                                                           "generated_code")}
@@ -51,16 +61,24 @@ def program_report(compiled, chips: int, chip=None, analytic_flops_per_chip: int
         xla["peak"] = xla["argument"] + xla["output"] + xla["temp"] - xla["alias"]
         xla["peak_source"] = "argument+output+temp-alias"
     hlo = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo)
+    slices = len(set(slice_of)) if slice_of is not None else 1
     hbm = chip.hbm_usable_bytes if chip else None
-    report = dict(xla_memory=xla, memory_source="compiled", hbm_bytes=chip.hbm_bytes if chip else None,
-                  hbm_usable_bytes=hbm, headroom_bytes=hbm - xla["peak"] if hbm else None,
-                  pallas_kernels=count_pallas_kernels(hlo), collectives=collective_bytes(hlo, chips),
-                  analytic_flops_per_chip=int(analytic_flops_per_chip))
+    collectives = collective_bytes(hlo, chips, slice_of if slices > 1 else None, slices)
+    report = dict(num_slices=slices, xla_memory=xla, memory_source="compiled",
+                  hbm_bytes=chip.hbm_bytes if chip else None, hbm_usable_bytes=hbm,
+                  headroom_bytes=hbm - xla["peak"] if hbm else None, pallas_kernels=count_pallas_kernels(hlo),
+                  collectives=collectives, analytic_flops_per_chip=int(analytic_flops_per_chip))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     report["xla_cost_flops_per_chip"] = float((cost or {}).get("flops", 0.0))  # counts a scanned layer once
     if chip:
-        report["ici_seconds"] = report["collectives"]["total_wire_bytes"] / chip.ici_bytes_per_s
+        report["ici_seconds"] = collectives["ici_wire_bytes"] / chip.ici_bytes_per_s
+        if collectives["dcn_wire_bytes"] and chip.dcn_bytes_per_s:
+            report["dcn_seconds"] = collectives["dcn_wire_bytes"] / chip.dcn_bytes_per_s
+            report["dcn_gbps_per_chip"] = chip.dcn_bytes_per_s * 8 / 1e9
         report["compute_seconds_at_peak"] = report["analytic_flops_per_chip"] / chip.peak_bf16_flops
     return report
 
@@ -109,11 +127,10 @@ def build_step(config, devices):
     The model .. step part is train.py's own (plan_io.build_step). `config` is resolved in place (vocab
     sizes of -1 as a dry run sizes them: no tokenizer or checkpoint is loaded for a compile).
     """
-    from dual_diffusion import sharding
     from dual_diffusion.training import config_check, plan_io
 
-    config_check.check_config(config, len(devices), dry_run=True)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    config_check.check_config(config, len(devices), dry_run=True, num_slices=sharding.num_slices(devices))
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     tokenizer = plan_io.get_tokenizer(config, None, dry_run=True)
     plan_io.resolve_vocab(config, tokenizer, None, dry_run=True)
@@ -134,11 +151,13 @@ def analytic_flops(config, plan) -> int:
                             int(config.data.text_length))
 
 
-def compile_for_devices(config, devices, info: Slice | None = None) -> dict:
+def compile_for_devices(config, devices, info: Slice | None = None, *, hlo_path: str | None = None) -> dict:
     """Compiles the train step for `devices` (e.g. topology_devices("v5e-8")) and reports per chip.
 
-    `info` gives the chip's HBM / ICI / peak figures (needed for TPU devices; from the slice name).
-    Raises DoesNotFit when XLA runs out of HBM or the peak exceeds the chip's usable HBM.
+    `info` gives the chip's HBM / ICI / DCN / peak figures (needed for TPU devices; from the slice name).
+    TPU programs are compiled with the pod's XLA flags (aot/tpu_flags.py). `hlo_path`: also write the
+    compiled HLO text there. Raises DoesNotFit when XLA runs out of HBM or the peak exceeds the chip's
+    usable HBM.
     """
     from dual_diffusion.training import plan_io
 
@@ -147,20 +166,47 @@ def compile_for_devices(config, devices, info: Slice | None = None) -> dict:
     report = plan_io.dry_run_report(plan, train_step, abstract_batch, mesh)
     chip = info.chip if info else None
     hbm = chip.hbm_usable_bytes if chip else None
+    options = tpu_flags.compiler_options() if devices[0].platform == "tpu" else {}
     compiled, seconds = compile_lowered(train_step.lower(plan.abstract_state, plan.abstract_frozen, abstract_batch),
-                                        hbm)
+                                        hbm, options)
     flops_total = analytic_flops(config, plan)
     report.update(
+        xla_flags=options, frozen_placement=plan.frozen_placement,
+        frozen_bytes_total=sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(plan.abstract_frozen)),
         topology=info.name if info else None, libtpu_topology=info.topology if info else None, chips=len(devices),
         platform=devices[0].platform, device_kind=devices[0].device_kind,
         batch_size=int(config.train.batch_size), microbatches=int(config.train.microbatches),
         batch_unit=batch_unit(config, dict(mesh.shape)), image_size=int(config.data.image_size),
         text_length=int(config.data.text_length), remat_policy=config.runtime.remat_policy,
         attention_impl=config.runtime.attention_impl)
-    report.update(program_report(compiled, len(devices), chip, flops_total // len(devices)),
-                  compile_seconds=round(seconds, 2))
+    # Device ids in the program's replica groups are positions in the mesh's flat device order.
+    slice_of = [sharding.slice_index(d) for d in mesh.devices.flat]
+    report.update(program_report(compiled, len(devices), chip, flops_total // len(devices), slice_of=slice_of,
+                                 hlo_path=hlo_path), compile_seconds=round(seconds, 2))
+    report["frozen_alternative"] = frozen_alternative(report, mesh, hbm)
     check_peak(report)
     return report
+
+
+def frozen_alternative(report: dict, mesh, hbm: int | None) -> dict:
+    """The other frozen-weight placement (sharding.frozen_rules), estimated from this compile: its peak per
+    chip (this peak with the frozen weights' bytes per chip swapped) and whether it fits `hbm`."""
+    total, here = report["frozen_bytes_total"], report["bytes_per_device"]["frozen"]
+    if report["frozen_placement"] == "fsdp":
+        other, there = "replicated", total
+    else:  # sharded like the trainable weights: over fsdp (and tensor where the rules say so)
+        other, there = "fsdp", total // max(mesh.shape.get("fsdp", 1), 1)
+    peak = report["xla_memory"]["peak"] - here + there
+    return {"placement": other, "frozen_bytes_per_chip": there, "peak_bytes_estimate": peak,
+            "fits": None if hbm is None else peak <= hbm}
+
+
+def _by_dtype(c: dict, kinds: tuple[str, ...]) -> str:
+    out: dict[str, int] = {}
+    for kind in kinds:
+        for dtype, n in c[kind]["by_dtype"].items():
+            out[dtype] = out.get(dtype, 0) + n
+    return ", ".join(f"{d} {_size(n)}" for d, n in sorted(out.items(), key=lambda kv: -kv[1])) or "none"
 
 
 # --------------------------------------------------------------------------- command line (train.py --topology)
@@ -196,7 +242,14 @@ def describe(report: dict) -> str:
              f"{report['image_size']} px, {report['text_length']} tokens, remat {report['remat_policy']}, "
              f"attention {report['attention_impl']}",
              "per chip (shapes): " + ", ".join(f"{k} {_size(v)}" for k, v in b.items())]
-    return "\n".join(lines + program_lines(report, "step"))
+    lines += program_lines(report, "step")
+    alt = report["frozen_alternative"]
+    fits = {True: "would fit", False: "would not fit", None: "(no HBM figure)"}[alt["fits"]]
+    lines.insert(-1, f"frozen weights: sharding.frozen_rules={report['frozen_placement']} "
+                     f"({_size(b['frozen'])} per chip); --config.sharding.frozen_rules={alt['placement']} {fits}: "
+                     f"{_size(alt['frozen_bytes_per_chip'])} per chip, peak about {_size(alt['peak_bytes_estimate'])}"
+                     + (" (no gathers of them)" if alt["placement"] == "replicated" else " (gathered where used)"))
+    return "\n".join(lines)
 
 
 def program_lines(report: dict, per: str) -> list[str]:
@@ -204,15 +257,22 @@ def program_lines(report: dict, per: str) -> list[str]:
     x, c = report["xla_memory"], report["collectives"]
     lines = [f"per chip (XLA): arguments {_size(x['argument'])}, outputs {_size(x['output'])}, temporaries "
              f"{_size(x['temp'])}, peak {_size(x['peak'])} ({x['peak_source']})"]
+    if report.get("xla_flags"):
+        lines.append(f"XLA flags: the {len(report['xla_flags'])} of launch/tpu_pod.sh (dual_diffusion/aot/tpu_flags.py)")
     if report["hbm_usable_bytes"]:
         lines.append(f"HBM per chip {_size(report['hbm_usable_bytes'])} usable ({_size(report['hbm_bytes'])} "
                      f"nominal): headroom {_size(report['headroom_bytes'])}")
     lines.append(f"Pallas kernels in the program: {report['pallas_kernels']}")
     kinds = ", ".join(f"{k} {_size(c[k]['bytes'])} ({c[k]['ops']} ops)" for k in COLLECTIVE_KINDS if c[k]["ops"])
     lines.append(f"collectives per {per} per chip: {kinds or 'none'}; sent {_size(c['total_wire_bytes'])}"
-                 + (f" = {_ms(report['ici_seconds'])} of ICI" if "ici_seconds" in report else "")
                  + (f" ({c['unknown_trip_counts']} loops of unknown trip count counted once)"
                     if c["unknown_trip_counts"] else ""))
+    ici = f"ICI {_size(c['ici_wire_bytes'])}" + (f" = {_ms(report['ici_seconds'])}" if "ici_seconds" in report else "")
+    dcn = (f"DCN (groups across the {report['num_slices']} slices) {_size(c['dcn_wire_bytes'])}"
+           + (f" = {_ms(report['dcn_seconds'])} at {report['dcn_gbps_per_chip']:g} Gbps per chip"
+              if "dcn_seconds" in report else "") if report["num_slices"] > 1 else "one slice: no DCN")
+    lines.append(f"  {ici}; {dcn}")
+    lines.append("  by dtype: " + "; ".join(f"{k} {_by_dtype(c, (k,))}" for k in COLLECTIVE_KINDS if c[k]["ops"]))
     lines.append(f"analytic FLOPs per chip: {report['analytic_flops_per_chip']:.3e}"
                  + (f" = {_ms(report['compute_seconds_at_peak'])} at peak bf16"
                     if "compute_seconds_at_peak" in report else "")

@@ -29,6 +29,11 @@ class Chip:
       G = GiB): 30.75 (v4), 95.74 (v5p), 15.75 (v5e), 31.25 (v6e).
     ici_bytes_per_s: one direction, all links of the chip together (the docs give the
       bidirectional figure: v4 2x300, v5e 400, v5p 1200, v6e 800 GB/s).
+    dcn_bytes_per_s: data-center network (between slices) per chip, one direction; None where the
+      Cloud TPU page gives no figure (v4). v5p: "Data center network (DCN) bandwidth per chip 50 Gbps"
+      (docs.cloud.google.com/tpu/docs/v5p; 4 chips per host = 200 Gbps per host). v5e: "Per-host NIC
+      configuration 2 x 100 Gbps" for 8 chips per host (docs.cloud.google.com/tpu/docs/v5e) = 25 Gbps
+      per chip. v6e: 4 x 200 Gbps per host of 8 chips (docs.cloud.google.com/tpu/docs/v6e) = 100 Gbps.
     """
 
     generation: str  # Cloud name prefix
@@ -40,6 +45,7 @@ class Chip:
     ici_bytes_per_s: float
     peak_bf16_flops: float
     shapes: dict[int, str]  # chips -> slice shape
+    dcn_bytes_per_s: float | None = None
 
 
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
@@ -53,20 +59,27 @@ CHIPS: dict[str, Chip] = {
     "v4": Chip("v4", "v4", "megacore", 2, 32 * GiB, int(30.75 * GiB), 3.0e11, 275e12,
                {**_3D, 4096: "16x16x16"}),
     "v5p": Chip("v5p", "v5", "megacore", 2, 95 * GiB, int(95.74 * GiB), 6.0e11, 459e12,
-                {**_3D, 4096: "16x16x16", 6144: "16x16x24"}),
-    "v5e": Chip("v5e", "v5e", "default", 1, 16 * GiB, int(15.75 * GiB), 2.0e11, 197e12, _2D),
-    "v6e": Chip("v6e", "v6e", "default", 1, 32 * GiB, int(31.25 * GiB), 4.0e11, 918e12, _2D),
+                {**_3D, 4096: "16x16x16", 6144: "16x16x24"}, dcn_bytes_per_s=50e9 / 8),
+    "v5e": Chip("v5e", "v5e", "default", 1, 16 * GiB, int(15.75 * GiB), 2.0e11, 197e12, _2D,
+                dcn_bytes_per_s=25e9 / 8),
+    "v6e": Chip("v6e", "v6e", "default", 1, 32 * GiB, int(31.25 * GiB), 4.0e11, 918e12, _2D,
+                dcn_bytes_per_s=100e9 / 8),
 }
 ALIASES = {"v5litepod": "v5e"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    name: str  # the Cloud name asked for, e.g. "v5p-64"
+    name: str  # the name asked for, e.g. "v5p-64", or "2xv5p-64" for two such slices
     chip: Chip
-    num_chips: int
-    topology: str  # libtpu name, e.g. "v5:2x4x4"
+    num_chips: int  # chips of one slice
+    topology: str  # libtpu name of one slice, e.g. "v5:2x4x4"
     chips_per_host_bounds: tuple[int, int, int]
+    num_slices: int = 1  # slices joined by the data-center network (libtpu's num_slices)
+
+    @property
+    def total_chips(self) -> int:
+        return self.num_chips * self.num_slices
 
 
 class TopologyError(ValueError):
@@ -83,19 +96,24 @@ def valid_names() -> list[str]:
 
 
 def slice_info(name: str) -> Slice:
-    """'v5p-64' -> Slice(num_chips=32, topology='v5:2x4x4', ...); TopologyError listing valid names."""
-    gen, _, count = name.strip().lower().rpartition("-")
+    """'v5p-64' -> Slice(num_chips=32, topology='v5:2x4x4', ...); 'NxNAME' is N such slices joined by the
+    data-center network (multi-slice); TopologyError listing valid names."""
+    slices, sep, single = name.strip().lower().partition("x")
+    if not (sep and slices.isdigit() and single.startswith("v")):  # no "N x" prefix ("v5p-64")
+        slices, single = "1", name.strip().lower()
+    gen, _, count = single.rpartition("-")
     chip = CHIPS.get(ALIASES.get(gen, gen))
     chips = int(count) // chip.cores_per_chip if chip and count.isdigit() else None
-    if chip is None or chips not in chip.shapes or int(count) % chip.cores_per_chip:
-        raise TopologyError(f"unknown TPU slice {name!r}; expected one of: {', '.join(valid_names())}")
+    if chip is None or chips not in chip.shapes or int(count) % chip.cores_per_chip or int(slices) < 1:
+        raise TopologyError(f"unknown TPU slice {name!r}; expected one of: {', '.join(valid_names())} "
+                            "(or N x one of them for N slices, e.g. 2xv5p-64)")
     shape = chip.shapes[chips]
     dims = [int(d) for d in shape.split("x")]
     if len(dims) == 3:  # v4 / v5p hosts hold a 2x2x1 tray of chips
         bounds = (min(dims[0], 2), min(dims[1], 2), 1)
     else:  # v5e / v6e hosts hold up to 8 chips (2x4)
         bounds = (min(dims[0], 2), min(dims[1], 4), 1)
-    return Slice(name, chip, chips, f"{chip.libtpu_prefix}:{shape}", bounds)
+    return Slice(name, chip, chips, f"{chip.libtpu_prefix}:{shape}", bounds, int(slices))
 
 
 def _libtpu_hint() -> str:
@@ -121,20 +139,22 @@ def topology_devices(name: str) -> list:
     try:
         desc = topologies.get_topology_desc(topology_name=info.topology, platform="tpu",
                                             chip_config_name=info.chip.chip_config,
-                                            chips_per_host_bounds=info.chips_per_host_bounds, num_slices=1)
+                                            chips_per_host_bounds=info.chips_per_host_bounds,
+                                            num_slices=info.num_slices)
     except Exception as e:  # libtpu's errors are multi-line and name its own C++ files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TopologyError(f"libtpu cannot make topology {info.topology!r} for {name}: {first} "
                             f"(libtpu must match jax: {_libtpu_hint()})") from None
     devices = list(desc.devices)
-    if len(devices) != info.num_chips:
+    if len(devices) != info.total_chips:
         raise TopologyError(f"libtpu gave {len(devices)} devices for {name} ({info.topology}); expected "
-                            f"{info.num_chips}")
+                            f"{info.total_chips}")
     return devices
 
 
 def describe(info: Slice) -> str:
     c = info.chip
-    return (f"{info.name}: {info.num_chips} chips, libtpu {info.topology} ({c.chip_config}), "
+    slices = f"{info.num_slices} slices of " if info.num_slices > 1 else ""
+    return (f"{info.name}: {slices}{info.num_chips} chips, libtpu {info.topology} ({c.chip_config}), "
             f"HBM {c.hbm_bytes / GiB:.2f} GiB per chip ({c.hbm_usable_bytes / GiB:.2f} usable), "
             f"ICI {c.ici_bytes_per_s / 1e9:.0f} GB/s per direction, peak bf16 {c.peak_bf16_flops / 1e12:.0f} TFLOP/s")

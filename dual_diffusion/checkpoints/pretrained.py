@@ -189,6 +189,15 @@ def _workdir_tokenizer(path: epath.Path, recorded: str) -> Tokenizer:
                             f"was found neither as given nor inside {path}")
 
 
+def restore_here(ckptr, path: epath.Path) -> dict:
+    """An Orbax checkpoint onto this process's first device, whatever devices and hosts wrote it (a pod's
+    checkpoint restores on a workstation: Orbax alone refuses a different topology)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          ckptr.metadata(path).item_metadata.tree)
+    return ckptr.restore(path, target)
+
+
 def _restore_newest(directory: epath.Path) -> tuple[int, dict]:
     """(step, train state) of the newest complete checkpoint that restores; older ones are tried in turn
     when a newer one is damaged (nothing is moved: a running trainer may own the workdir)."""
@@ -203,7 +212,7 @@ def _restore_newest(directory: epath.Path) -> tuple[int, dict]:
     with ocp.StandardCheckpointer() as ckptr:
         for step in steps:
             try:
-                return step, ckptr.restore(directory / str(step) / "state")
+                return step, restore_here(ckptr, directory / str(step) / "state")
             except Exception as e:  # noqa: BLE001  (any read failure: try the next older step)
                 errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
                 warnings.warn(f"load_pretrained: checkpoint {directory / str(step)} does not restore "
@@ -226,7 +235,7 @@ def _load_workdir(path: epath.Path, runtime: Runtime, mesh, rules, components: S
     step, state = _restore_newest(path / "checkpoints")
     with ocp.StandardCheckpointer() as ckptr:
         frozen_dir = path / "frozen"
-        frozen = ckptr.restore(frozen_dir) if frozen_dir.exists() else None
+        frozen = restore_here(ckptr, frozen_dir) if frozen_dir.exists() else None
     trained = state.get("ema") or state["params"]
     base = None
     if frozen is None:
@@ -253,6 +262,10 @@ def _load_workdir(path: epath.Path, runtime: Runtime, mesh, rules, components: S
                 if frozen is not None else
                 {key(p): np.asarray(v[...]) for p, v in comp.flat_variables(base.states[name]).items()})
         flat.update({key(p): v for p, v in traversals.flatten_mapping(trained.get(name) or {}).items()})
+        if ("mask_row",) in flat:  # T5's trained mask row, kept apart in training: back into the table
+            from dual_diffusion.models.t5 import fold_mask_row
+            row = flat.pop(("mask_row",))
+            flat[("embedding",)] = fold_mask_row(np.asarray(flat[("embedding",)], np.float32), row, info["mask_id"])
         flat = {p: flat[key(p)] for p in variables if key(p) in flat}
         missing = sorted(map(str, set(variables) - set(flat)))
         if missing:

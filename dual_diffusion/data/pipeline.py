@@ -7,6 +7,7 @@ for the text loss), for each source of the stream's mix:
       [process_index::process_count]          disjoint per-process shards of every epoch
     MapDataset.mix(sources, weights)          weighted interleave
       .random_map(ExampleBuilder)             size filter, decode, resize+crop, [-1, 1], token layout
+                                              (its seed differs per process: no draw repeats across them)
       .to_iter_dataset()
     SkipBadIterDataset                        drops and counts bad records
       .batch(b = global_batch // process_count)
@@ -174,7 +175,11 @@ def _stream(specs, tokenizer, cfg, stream: str, batch: int, process_index: int, 
         parts.append(ds[process_index::process_count])
         weights.append(weight)
     mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
-    mixed = mixed.random_map(builder, seed=_seed(seed, stream == "i2t", 2))
+    # random_map draws element i's randomness from (seed, i), i counted within this process's share: with
+    # several processes the seed takes the process index too, else every process would repeat the same
+    # draws (captions vs VQA, which question, which caption) for its i-th example. One process keeps its seed.
+    per_process = (process_index,) if process_count > 1 else ()
+    mixed = mixed.random_map(builder, seed=_seed(seed, stream == "i2t", 2, *per_process))
     if not cfg.get("caption_label_padding", True):
         mixed = mixed.map(_CaptionLabelsWithoutPadding(tokenizer.eos_id))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_prefetch)

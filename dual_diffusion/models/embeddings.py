@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dual_diffusion.models.layers import Buffer, Linear, param, xavier_uniform, zeros
+from dual_diffusion.models.layers import Buffer, Linear, matmul, param, xavier_uniform, zeros
+from dual_diffusion.sharding import use_weight
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -68,8 +69,8 @@ class PatchEmbed(nnx.Module):
         p = patch_size
         # DiT initialises the patch conv like a Linear on flattened patches (xavier over fan_in = p*p*C).
         fan_init = lambda key, shape, dt: xavier_uniform(key, (p * p * in_channels, hidden), dt).reshape(shape)
-        self.kernel = param(fan_init, rngs, (p, p, in_channels, hidden), (None, None, "conv_in", "embed"),
-                            param_dtype)
+        self.kernel_axes = (None, None, "conv_in", "embed")
+        self.kernel = param(fan_init, rngs, (p, p, in_channels, hidden), self.kernel_axes, param_dtype)
         self.bias = param(zeros, rngs, (hidden,), ("embed",), param_dtype)
         grid = sincos_2d_grid(hidden, pos_embed_max_size, base_size)
         self.pos_embed = Buffer(jnp.asarray(grid)[None], out_sharding=(None, None, "embed"))
@@ -91,8 +92,8 @@ class PatchEmbed(nnx.Module):
         h, w = hh // p, ww // p
         patches = latents_BxHxWxC.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, h * w, p * p * c).astype(self.dtype)
-        kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
-        tokens = jnp.dot(patches, kernel, preferred_element_type=jnp.float32) + self.bias[...]
+        kernel = use_weight(self.kernel[...], self.kernel_axes, self.dtype).reshape(p * p * c, -1)
+        tokens = matmul(patches, kernel, jnp.float32) + self.bias[...]
         return tokens + self.cropped_pos_embed(h, w).astype(jnp.float32)
 
 

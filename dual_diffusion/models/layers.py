@@ -2,15 +2,20 @@
 
 Parameters are created in `param_dtype` (float32) and cast to the compute
 `dtype` on use, so bf16 training keeps fp32 master weights with one code path.
+On a sharded mesh a kernel is cast on its shard and then gathered where it is
+used (sharding.use_weight), so FSDP's gathers move the compute dtype.
 Normalisations compute in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dual_diffusion.sharding import use_weight
 
 Axes = Sequence[str | None]
 Initializer = Callable[..., jax.Array]
@@ -18,6 +23,28 @@ Initializer = Callable[..., jax.Array]
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
+    """x (..., in) @ kernel (in, out) -> (..., out) in `out_dtype`, as jnp.dot, except that the kernel's
+    gradient is accumulated and returned by a float32 matmul: on a mesh the batch's partial sums are then
+    reduce-scattered in float32, not in the compute dtype, before they reach the float32 weights."""
+    return jnp.dot(x, kernel, preferred_element_type=out_dtype)
+
+
+def _matmul_fwd(x, kernel, out_dtype):
+    return matmul(x, kernel, out_dtype), (x, kernel)
+
+
+def _matmul_bwd(out_dtype, residuals, g):
+    x, kernel = residuals
+    _, x_vjp = jax.vjp(lambda x_: jnp.dot(x_, kernel, preferred_element_type=out_dtype), x)
+    dk = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
+    return x_vjp(g)[0], dk.astype(kernel.dtype)  # the cast back follows the reduction (sharding.use_weight)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Buffer(nnx.Variable):
@@ -64,15 +91,21 @@ class Linear(nnx.Module):
                  dtype="float32", param_dtype="float32", kernel_init: Initializer = xavier_uniform,
                  bias_init: Initializer = zeros, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(dtype)
+        self.axes = tuple(axes)
         self.kernel = param(kernel_init, rngs, (in_features, out_features), axes, param_dtype)
         self.bias = param(bias_init, rngs, (out_features,), (axes[1],), param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        return self.each([x], out_dtype)[0]
+
+    def each(self, xs: Sequence[jax.Array], out_dtype=None) -> list[jax.Array]:
+        """The layer on each input of `xs`, its kernel read (on a mesh: gathered) once for all of them."""
         out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
+        kernel = use_weight(self.kernel[...], self.axes, self.dtype)  # cast on the shard, then gathered
+        ys = [matmul(x.astype(self.dtype), kernel, out_dtype) for x in xs]
         if self.bias is not None:
-            y = y + self.bias[...].astype(out_dtype)
-        return y
+            ys = [y + self.bias[...].astype(out_dtype) for y in ys]
+        return ys
 
 
 class RMSNorm(nnx.Module):

@@ -84,24 +84,28 @@ class T5Layer(nnx.Module):
             self.wi = Linear(d, ff, ("embed", "mlp"), kernel_init=normal(d ** -0.5), **lin)
         self.wo = Linear(ff, d, ("mlp", "embed"), kernel_init=normal(ff ** -0.5), **lin)
 
-    def __call__(self, h_BxLxD: jax.Array, bias_BxHxLxL: jax.Array) -> jax.Array:
-        """h: float32 residual stream; bias: position bias + key mask (float32)."""
-        B, L, _ = h_BxLxD.shape
-        x = self.attn_norm(h_BxLxD)
-        heads = lambda t: constrain(t.reshape(B, L, self.num_heads, self.head_dim), ("batch", "seq", "heads", None))
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        # T5 folds any 1/sqrt(d) into its weights: unscaled logits (scale=1.0).
-        a = attention(q, k, v, impl=self.attention_impl, bias=bias_BxHxLxL, scale=1.0)
-        h_BxLxD = h_BxLxD + self.o(a.reshape(B, L, -1), out_dtype=jnp.float32)
+    def __call__(self, hs: tuple[jax.Array, ...], biases: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        """Each row set h (float32 residual stream, (B, L, D)) with its bias (position bias + key mask, float32).
 
-        x = self.ff_norm(h_BxLxD)
+        The layer's weights are read once for all sets (on a mesh: gathered once per layer).
+        """
+        heads = lambda t: constrain(t.reshape(t.shape[:2] + (self.num_heads, self.head_dim)),  # noqa: E731
+                                    ("batch", "seq", "heads", None))
+        xs = [self.attn_norm(h) for h in hs]
+        # T5 folds any 1/sqrt(d) into its weights: unscaled logits (scale=1.0).
+        attended = [attention(heads(q), heads(k), heads(v), impl=self.attention_impl, bias=bias, scale=1.0)
+                    .reshape(h.shape[:2] + (-1,))
+                    for q, k, v, bias, h in zip(self.q.each(xs), self.k.each(xs), self.v.each(xs), biases, hs)]
+        hs = [h + o for h, o in zip(hs, self.o.each(attended, out_dtype=jnp.float32))]
+
+        xs = [self.ff_norm(h) for h in hs]
         if self.gated:  # "gelu_new" = tanh approximation
-            f = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
+            fs = [jax.nn.gelu(a, approximate=True) * b for a, b in zip(self.wi_0.each(xs), self.wi_1.each(xs))]
         else:
-            f = jax.nn.relu(self.wi(x))
-        f = constrain(f, ("batch", "seq", "mlp"))
+            fs = [jax.nn.relu(a) for a in self.wi.each(xs)]
+        fs = [constrain(f, ("batch", "seq", "mlp")) for f in fs]
         # transformers keeps wo in float32 under half precision; we accumulate it in float32.
-        return constrain(h_BxLxD + self.wo(f, out_dtype=jnp.float32), STREAM)
+        return tuple(constrain(h + w, STREAM) for h, w in zip(hs, self.wo.each(fs, out_dtype=jnp.float32)))
 
 
 class T5Encoder(nnx.Module):
@@ -111,7 +115,8 @@ class T5Encoder(nnx.Module):
         check_remat_policy(runtime.remat_policy)
         self.cfg, self.runtime = cfg, runtime
         pdt = jnp.dtype(runtime.param_dtype)
-        # One table, read by the embedding lookup; training masks its gradient to the mask-token row.
+        # One table, read by the embedding lookup. Training keeps the mask token's row apart (a (1, d_model)
+        # parameter passed as `mask_row_1xD`) and the table frozen.
         self.embedding = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
                                    out_sharding=("vocab", "embed"))
         # (buckets, heads); tiny, so replicated.
@@ -129,23 +134,52 @@ class T5Encoder(nnx.Module):
         table = self.relative_attention_bias[...].astype(jnp.float32)
         return jnp.transpose(table[buckets], (2, 0, 1))[None]
 
-    def __call__(self, token_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None) -> jax.Array:
-        L = token_ids_BxL.shape[1]
-        dtype = jnp.dtype(self.runtime.dtype)
+    def embed(self, token_ids_BxL: jax.Array, mask_row_1xD: jax.Array | None = None,
+              mask_id: int | None = None) -> jax.Array:
+        """Float32 (B, L, d_model) input rows; with `mask_row_1xD`, positions holding `mask_id` read that row
+        instead of the table's (training keeps T5's one trainable row apart from the frozen table)."""
+        rows = jnp.take(self.embedding[...], token_ids_BxL, axis=0)
+        if mask_row_1xD is not None:  # broadcast first: each position's gradient is rounded as a table row's is
+            row = jnp.broadcast_to(mask_row_1xD.astype(jnp.float32)[None], rows.shape)
+            rows = jnp.where((token_ids_BxL == mask_id)[..., None], row, rows)
         # Embedding rows are rounded to the compute dtype (as a bf16 torch model would), then
         # carried in the float32 residual stream.
-        h = jnp.take(self.embedding[...], token_ids_BxL, axis=0).astype(dtype).astype(jnp.float32)
-        h = constrain(h, STREAM)
-        bias = self.position_bias(L)
+        h = rows.astype(jnp.dtype(self.runtime.dtype)).astype(jnp.float32)
+        return constrain(h, STREAM)
+
+    def bias(self, length: int, attention_mask_BxL: jax.Array | None = None) -> jax.Array:
+        """(1 or B, H, L, L) float32: the relative position bias, plus the key mask when given."""
+        bias = self.position_bias(length)
         if attention_mask_BxL is not None:
             # Masked keys get the most negative float32, as transformers' additive mask does.
             keep = attention_mask_BxL.astype(bool)[:, None, None, :]
             bias = bias + jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)
-        h = self._run_layers(h, bias)
+        return bias
+
+    def __call__(self, token_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None, *,
+                 mask_row_1xD: jax.Array | None = None, mask_id: int | None = None) -> jax.Array:
+        h = self.embed(token_ids_BxL, mask_row_1xD, mask_id)
+        (h,) = self._run_layers((h,), (self.bias(token_ids_BxL.shape[1], attention_mask_BxL),), (False,))
         return constrain(self.final_norm(h).astype(jnp.float32), STREAM)
 
-    def _run_layers(self, h: jax.Array, bias: jax.Array) -> jax.Array:
-        """All layers, as a Python loop or one lax.scan over per-layer states stacked here.
+    def encode_two(self, frozen_ids_BxL: jax.Array, token_ids_BxL: jax.Array, *, mask_row_1xD=None,
+                   mask_id: int | None = None, differentiate_frozen: bool = False) -> tuple[jax.Array, jax.Array]:
+        """T5 of two row sets in one pass over the layers: (hidden of frozen_ids, hidden of token_ids).
+
+        Each layer's weights are read (on a sharded mesh: gathered) once for both sets. Unless
+        `differentiate_frozen`, the first set runs under stop_gradient: no residuals are saved and no
+        backward pass runs for its rows (training's captions, which hold no mask token).
+        """
+        hs = (self.embed(frozen_ids_BxL, mask_row_1xD, mask_id), self.embed(token_ids_BxL, mask_row_1xD, mask_id))
+        stop = (not differentiate_frozen, False)
+        hs = tuple(jax.lax.stop_gradient(h) if s else h for h, s in zip(hs, stop))
+        bias = self.position_bias(frozen_ids_BxL.shape[1]), self.position_bias(token_ids_BxL.shape[1])
+        hs = self._run_layers(hs, bias, stop)
+        return tuple(constrain(self.final_norm(h).astype(jnp.float32), STREAM) for h in hs)
+
+    def _run_layers(self, hs: tuple, biases: tuple, stop: tuple) -> tuple:
+        """All layers on each row set of `hs` (stop[i]: set i under stop_gradient), as a Python loop or one
+        lax.scan over per-layer states stacked here.
 
         The stack is a transient copy of the layer parameters (the price of storing them
         per layer, which keeps checkpoints and key maps independent of scan_layers).
@@ -153,14 +187,20 @@ class T5Encoder(nnx.Module):
         graphdef, _ = nnx.split(self.layers[0])
         states = [nnx.state(layer) for layer in self.layers]
 
-        def one_layer(h, state):
-            return nnx.merge(graphdef, state)(constrain(h, STREAM), bias)
+        def one_layer(hs, state):
+            out = nnx.merge(graphdef, state)(tuple(constrain(h, STREAM) for h in hs), biases)
+            return tuple(jax.lax.stop_gradient(h) if s else h for h, s in zip(out, stop))
 
         one_layer = remat(one_layer, self.runtime.remat_policy)
         if not self.runtime.scan_layers:
             for state in states:
-                h = one_layer(h, state)
-            return h
+                hs = one_layer(hs, state)
+            return hs
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        h, _ = jax.lax.scan(lambda h, state: (one_layer(h, state), None), h, stacked)
-        return h
+        hs, _ = jax.lax.scan(lambda hs, state: (one_layer(hs, state), None), hs, stacked)
+        return hs
+
+
+def fold_mask_row(table_VxD: jax.Array, mask_row_1xD: jax.Array, mask_id: int) -> jax.Array:
+    """The embedding table with row `mask_id` replaced by the trained mask row (in the table's dtype)."""
+    return jnp.asarray(table_VxD).at[mask_id].set(jnp.asarray(mask_row_1xD)[0].astype(table_VxD.dtype))

@@ -118,9 +118,26 @@ class Checkpointer:
             if failed:
                 self.manager.reload()
             return step, state
+        if self._holds_t5_table(steps[-1], abstract_state):
+            raise CheckpointError(
+                f"checkpoint step {steps[-1]} in {self.directory} trains T5's whole embedding table "
+                "(params.text_encoder.embedding, the layout before the mask row became a (1, d_model) parameter "
+                "of its own, params.text_encoder.mask_row): resume it with the code that wrote it, or start a new "
+                "workdir (sample, evaluate and load_pretrained still read it)")
         newest = failed[0][1]
         raise CheckpointError(f"no checkpoint in {self.directory} restores (steps {[s for s, _ in failed]}); "
                               f"newest: {newest[:400]}")
+
+    def _holds_t5_table(self, step: int, abstract_state: dict) -> bool:
+        """Whether `step` trains T5's full table where `abstract_state` trains only its mask row."""
+        if "mask_row" not in (abstract_state.get("params") or {}).get("text_encoder", {}):
+            return False
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                tree = ckptr.metadata(self.directory / str(step) / "state").item_metadata.tree
+        except Exception:  # noqa: BLE001  (unreadable metadata: the generic error says why)
+            return False
+        return "embedding" in tree.get("params", {}).get("text_encoder", {})
 
     def _move_aside(self, step: int) -> None:
         src = self.directory / str(step)
@@ -146,8 +163,12 @@ class Checkpointer:
 
 # --------------------------------------------------------------------------- frozen weights
 def save_frozen(workdir: str | os.PathLike, frozen: dict) -> None:
+    """WORKDIR/frozen, once; every process calls it (Orbax writes each process's shards)."""
     path = workdir_path(workdir) / "frozen"
-    if path.exists():
+    exists = path.exists()
+    from dual_diffusion import distributed
+    distributed.barrier("dual_diffusion:frozen_checked")  # all decide before any of them writes the folder
+    if exists:
         return
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, frozen)

@@ -77,6 +77,9 @@ class Networks:
     # T5 for the text-to-image captions; a stop-gradient copy when only the mask row trains (captions hold
     # no mask token, so their gradient is exactly zero and the backward through T5 is skipped for them).
     encode_caption: Callable | None = None
+    # (caption_ids, noisy_ids) -> (caption hidden, text hidden) in one pass over T5's layers (each layer's
+    # weights read once for both), captions as encode_caption treats them; used instead of the two above.
+    encode_texts: Callable | None = None
 
 
 def corrupt(batch: dict, rng: jax.Array, cfg: LossConfig, latent_shape: tuple) -> dict:
@@ -117,14 +120,18 @@ def per_example_losses(nets: Networks, batch: dict, noised: dict, cfg: LossConfi
     s_B, noise = noised["s_B"], noised["noise"].astype(x0.dtype)
     x_s = flow.add_noise(x0, noise, s_B)
     timesteps = (flow.timestep_for_network(s_B), jnp.zeros((B,), jnp.float32))
-    encode_caption = nets.encode_caption or nets.encode_text
-    if cfg.fused:
-        hidden = interleave(encode_caption(noised["caption_ids"]), nets.encode_text(noised["noisy_ids"]))
-        velocity, logits = nets.denoise(interleave(x_s, clean), hidden, interleave(*timesteps),
-                                        image_rows=lambda x: half(x, 0), text_rows=lambda x: half(x, 1))
+    if nets.encode_texts is not None:
+        caption_hidden, text_hidden = nets.encode_texts(noised["caption_ids"], noised["noisy_ids"])
     else:
-        velocity, _ = nets.denoise(x_s, encode_caption(noised["caption_ids"]), timesteps[0])
-        _, logits = nets.denoise(clean, nets.encode_text(noised["noisy_ids"]), timesteps[1])
+        caption_hidden = (nets.encode_caption or nets.encode_text)(noised["caption_ids"])
+        text_hidden = nets.encode_text(noised["noisy_ids"])
+    if cfg.fused:
+        velocity, logits = nets.denoise(interleave(x_s, clean), interleave(caption_hidden, text_hidden),
+                                        interleave(*timesteps), image_rows=lambda x: half(x, 0),
+                                        text_rows=lambda x: half(x, 1))
+    else:
+        velocity, _ = nets.denoise(x_s, caption_hidden, timesteps[0])
+        _, logits = nets.denoise(clean, text_hidden, timesteps[1])
     loss_image_B = flow.flow_loss(velocity, x0, noise, s_B, x_s, form=cfg.image_form)
     loss_text_B = masked.masked_diffusion_loss(
         logits, i2t["text_ids"], noised["noisy_ids"], noised["t_B"], cfg.mask_id,

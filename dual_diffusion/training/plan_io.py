@@ -54,9 +54,8 @@ def get_tokenizer(config, workdir, dry_run: bool = False):
                     tmp = model_file.parent / f"{model_file.name}.tmp"  # readers never see a partial model
                     tmp.write_bytes(trained.read_bytes())
                     tmp.replace(model_file)
-        if jax.process_count() > 1:  # every process reaches this (same files on a shared workdir)
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("dual_diffusion:tokenizer_written")
+        from dual_diffusion import distributed
+        distributed.barrier("dual_diffusion:tokenizer_written")  # every process reaches this (a shared workdir)
         if local:
             return Tokenizer(model_file)
         tokenizer = Tokenizer(paths.local_copy(model_file))
@@ -257,12 +256,16 @@ def dry_run_report(plan: Plan, train_step, abstract_batch_, mesh, compile_step: 
 
 
 def describe(plan: Plan, mesh, config) -> str:
-    lines = [f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices",
+    slices = len({sharding.slice_index(d) for d in mesh.devices.flat})
+    lines = [f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices"
+             + (f" in {slices} slices (data across them)" if slices > 1 else ""),
              f"batch: {config.train.batch_size} per half x {config.train.microbatches} microbatch(es)"]
     lines.append("rules: " + ", ".join(f"{name}->{axes}" for name, axes in config.sharding.rules))
     for name, n in plan.param_counts.items():
         trains = "trains" if name == "transformer" else (
             f"frozen (trainable: {config.model.text_encoder_trainable})" if name == "text_encoder" else "frozen")
         lines.append(f"{name}: {n:,} parameters, {trains}")
+    lines.append(f"frozen weights: kernels and T5's table in {plan.split.frozen_dtype or plan.runtime.param_dtype}, "
+                 f"sharding.frozen_rules={plan.frozen_placement}; kernels are gathered in {plan.runtime.dtype}")
     lines.append(f"runtime: {plan.runtime.to_dict()}")
     return "\n".join(lines)

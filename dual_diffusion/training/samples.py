@@ -12,7 +12,6 @@ import json
 
 import jax
 import numpy as np
-from flax.nnx import traversals
 
 from dual_diffusion.evaluation.suites import training_sample_options
 from dual_diffusion.inference.pipelines import Pipeline
@@ -36,6 +35,7 @@ class Sampler:
     def __init__(self, config, plan: Plan, tokenizer, workdir, loss_cfg):
         self.config = config
         self.workdir = None if workdir is None else workdir_path(workdir)
+        self.split = plan.split
         graphdefs = plan.split.graphdefs
         vae = config.model.vae
         in_vae = "vae" in graphdefs
@@ -48,11 +48,10 @@ class Sampler:
         self.image_opts, self.text_opts = training_sample_options(config)
 
     def states(self, state: dict, frozen: dict) -> dict:
-        """Per-network pure state dicts: frozen weights overlaid with the trained (EMA) ones."""
+        """Per-network pure state dicts: frozen weights overlaid with the trained (EMA) ones, T5's mask row
+        folded into its table."""
         weights = state["ema"] if state.get("ema") is not None else state["params"]
-        flat = lambda tree: traversals.flatten_mapping(tree) if tree else {}
-        return {name: traversals.unflatten_mapping({**flat(frozen.get(name)), **flat(weights.get(name))})
-                for name in self.pipeline.graphdefs}
+        return self.split.network_states(weights, frozen)
 
     def write(self, step: int, state, frozen) -> None:
         """Image row for the config's prompts + captions of fixed shapes images, under WORKDIR/samples."""

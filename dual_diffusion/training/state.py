@@ -8,13 +8,19 @@ all see the same thing:
   ema        exponential moving average of `params` (or None when ema.decay == 0)
   rng        uint32 (2,)     base key; step k uses fold_in(rng, k)
   nonfinite  int32 ()        how many updates were skipped for a non-finite loss
-Frozen weights (the rest of T5, the VAE) live beside it in `frozen`, same layout.
+Frozen weights (T5, the VAE) live beside it in `frozen`, same layout. Frozen kernels and T5's
+embedding table are stored in `model.frozen_dtype` (default: the compute dtype, so bf16 runs hold
+T5-XXL in 9.5 GB instead of 19); the networks cast them to the compute dtype on use anyway, so
+this changes no result. Norm scales, biases and small tables stay float32.
 
 T5 is frozen except what `config.model.text_encoder_trainable` says:
-  "mask_row" (default): the token-embedding matrix is in `params`, but its
-     gradient and its update are masked to the mask-token row, so only that row
-     moves (weight decay included);
+  "mask_row" (default): `params["text_encoder"]` is {"mask_row": float32 (1, d_model)}, the mask
+     token's input embedding, with its own optimizer state and EMA; T5 reads it in place of the
+     table's row (T5Encoder.embed). Readers of a workdir fold it back into the table
+     (models.t5.fold_mask_row), so exported / loaded weights look as before.
   "none": nothing of T5 trains;  "all": every T5 parameter trains.
+Checkpoints written before the mask row had its own parameter (the whole table in `params`) do not
+restore into this layout: the run stops with one line saying so (training/checkpointing.py).
 """
 from __future__ import annotations
 
@@ -96,61 +102,105 @@ def embedding_path(t5_params_flat: dict[tuple, Any], t5_cfg: dict) -> tuple:
     return hits[0]
 
 
+MASK_ROW = "mask_row"  # params["text_encoder"][MASK_ROW]: T5's trainable mask-token row, (1, d_model)
+
+
+def _casts_on_use(path: tuple, embed: tuple | None) -> bool:
+    """Leaves the networks cast to the compute dtype wherever they read them: kernels and T5's table."""
+    return path[-1] == "kernel" or path == embed
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """How each network's nnx.State is cut into trainable `params` and `frozen` (pure dicts)."""
 
     graphdefs: dict[str, nnx.GraphDef]
     trainable: dict[str, frozenset]  # name -> set of flat paths that train
-    embed_path: tuple | None  # T5 embedding path when only the mask row trains
+    embed_path: tuple | None  # T5's token-embedding path (None without a T5)
+    mask_id: int | None = None  # set when only T5's mask row trains (params["text_encoder"][MASK_ROW])
+    frozen_dtype: str | None = None  # dtype of frozen kernels / T5's table (None: as stored)
+
+    @property
+    def trains_mask_row(self) -> bool:
+        return self.mask_id is not None
+
+    def _partition(self, name: str, flat: dict) -> tuple[dict, dict]:
+        keep = self.trainable.get(name, frozenset())
+        return {k: v for k, v in flat.items() if k in keep}, {k: v for k, v in flat.items() if k not in keep}
 
     def cut(self, states: dict[str, Any]) -> tuple[dict, dict]:
         params, frozen = {}, {}
         for name, state in states.items():
-            flat = _flat(nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state)
-            keep = self.trainable.get(name, frozenset())
-            p = {k: v for k, v in flat.items() if k in keep}
-            f = {k: v for k, v in flat.items() if k not in keep}
+            p, f = self._partition(name, _flat(nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state))
+            embed = self.embed_path if name == "text_encoder" else None
+            if embed is not None and self.trains_mask_row:
+                p = {(MASK_ROW,): f[embed][self.mask_id:self.mask_id + 1].astype(jnp.float32)}
+            if self.frozen_dtype:
+                f = {k: v.astype(self.frozen_dtype) if _casts_on_use(k, embed) else v for k, v in f.items()}
+            if p:
+                params[name] = _unflat(p)
+            frozen[name] = _unflat(f)
+        return params, frozen
+
+    def cut_shardings(self, params_sh: dict, frozen_sh: dict, row_sharding) -> tuple[dict, dict]:
+        """Shardings laid out like `cut`'s output: trainable leaves from `params_sh`, frozen ones from
+        `frozen_sh` (both per network, like the states), the mask row's `row_sharding`."""
+        params, frozen = {}, {}
+        for name in params_sh:
+            p, _ = self._partition(name, _flat(params_sh[name]))
+            _, f = self._partition(name, _flat(frozen_sh[name]))
+            if name == "text_encoder" and self.trains_mask_row:
+                p = {(MASK_ROW,): row_sharding}
             if p:
                 params[name] = _unflat(p)
             frozen[name] = _unflat(f)
         return params, frozen
 
     def merge(self, name: str, params: dict, frozen: dict) -> nnx.Module:
-        flat = {**_flat(frozen.get(name)), **_flat(params.get(name))}
-        return nnx.merge(self.graphdefs[name], _unflat(flat))
+        """The network of `name` over its frozen and trained weights (the mask row stays apart: see mask_row)."""
+        trained = {k: v for k, v in _flat(params.get(name)).items() if k != (MASK_ROW,)}
+        return nnx.merge(self.graphdefs[name], _unflat({**_flat(frozen.get(name)), **trained}))
+
+    def mask_row(self, params: dict):
+        """T5's trained mask row (1, d_model), or None when the table itself is what trains or nothing does."""
+        return params.get("text_encoder", {}).get(MASK_ROW) if self.trains_mask_row else None
+
+    def network_states(self, weights: dict, frozen: dict) -> dict[str, dict]:
+        """Per-network pure state dicts for inference: frozen weights overlaid with `weights` (params or
+        EMA), the mask row folded into T5's table."""
+        from dual_diffusion.models.t5 import fold_mask_row
+
+        out = {}
+        for name in self.graphdefs:
+            flat = {**_flat(frozen.get(name)),
+                    **{k: v for k, v in _flat(weights.get(name)).items() if k != (MASK_ROW,)}}
+            row = self.mask_row(weights) if name == "text_encoder" else None
+            if row is not None:
+                flat[self.embed_path] = fold_mask_row(flat[self.embed_path], row, self.mask_id)
+            out[name] = _unflat(flat)
+        return out
 
 
-def make_split(abstract: dict[str, nnx.Module], arch: dict[str, dict], t5_trainable: str) -> Split:
+def make_split(abstract: dict[str, nnx.Module], arch: dict[str, dict], t5_trainable: str,
+               mask_id: int | None = None, frozen_dtype: str | None = None) -> Split:
     if t5_trainable not in TRAINABLE_T5:
         raise ValueError(f"model.text_encoder_trainable={t5_trainable!r}; expected one of {TRAINABLE_T5}")
     graphdefs, trainable, embed = {}, {}, None
     for name, module in abstract.items():
         graphdefs[name] = nnx.graphdef(module)
         param_paths = frozenset(_flat(nnx.to_pure_dict(nnx.state(module, nnx.Param))))
-        if name == "transformer":
+        if name == "text_encoder":
+            try:
+                embed = embedding_path(_flat(nnx.to_pure_dict(nnx.state(module, nnx.Param))), arch["text_encoder"])
+            except ValueError:
+                if t5_trainable == "mask_row":
+                    raise  # elsewhere the table only decides what is stored in frozen_dtype
+        if name == "transformer" or (name == "text_encoder" and t5_trainable == "all"):
             trainable[name] = param_paths
-        elif name == "text_encoder" and t5_trainable == "all":
-            trainable[name] = param_paths
-        elif name == "text_encoder" and t5_trainable == "mask_row":
-            flat = _flat(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
-            embed = embedding_path(flat, arch["text_encoder"])
-            trainable[name] = frozenset([embed])
-    return Split(graphdefs, trainable, embed)
-
-
-def update_mask(params: dict, split: Split, mask_id: int) -> dict:
-    """Multiplier per parameter for gradients and updates: 1, or the one-hot mask row of T5's embedding."""
-    def one(path, leaf):
-        if split.embed_path is not None and path == ("text_encoder",) + split.embed_path:
-            return (jnp.arange(leaf.shape[0]) == mask_id)[:, None].astype(leaf.dtype)
-        return None
-    flat = {k: one(k, v) for k, v in _flat(params).items()}
-    return _unflat(flat)
-
-
-def apply_mask(tree: dict, mask: dict) -> dict:
-    return jax.tree.map(lambda x, m: x if m is None else x * m, tree, mask, is_leaf=lambda x: x is None)
+    if t5_trainable == "mask_row" and embed is not None and mask_id is None:
+        raise ValueError("text_encoder_trainable='mask_row' needs the mask token's id")
+    row_id = mask_id if t5_trainable == "mask_row" and embed is not None else None
+    return Split(graphdefs, trainable, embed, row_id, frozen_dtype)
 
 
 def count_params(module: nnx.Module) -> int:
@@ -211,22 +261,35 @@ class Plan:
     use_ema: bool
     mesh: Any = None  # the mesh and logical rules activations are pinned to while the step is traced
     rules: tuple = ()
+    frozen_placement: str = "fsdp"  # sharding.frozen_rules: "fsdp" | "replicated"
+
+
+def _resolve_dtype(name: str, runtime: Runtime) -> str:
+    """'' or 'compute' -> the runtime's compute dtype; a dtype name as it is."""
+    return runtime.dtype if name in ("", "compute") else name
 
 
 def make_plan(config, mesh, rules, mask_id: int) -> Plan:
     """Abstract init (nnx.eval_shape) -> shardings -> a jitted init with out_shardings (no full copy anywhere)."""
+    from dual_diffusion.sharding import frozen_rules
+
     arch = model_configs(config)
     runtime = runtime_from(config)
     seed = int(config.seed)
     abstract = nnx.eval_shape(lambda: build_models(arch, runtime, seed))
-    split = make_split(abstract, arch, config.model.text_encoder_trainable)
+    frozen_dtype = _resolve_dtype(config.model.get("frozen_dtype", ""), runtime)
+    split = make_split(abstract, arch, config.model.text_encoder_trainable, mask_id,
+                       None if frozen_dtype == runtime.param_dtype else frozen_dtype)
     counts = {name: count_params(m) for name, m in abstract.items()}
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps if "train" in config else 0)
     use_ema = float(config.ema.decay) > 0
+    placement = config.get("sharding", {}).get("frozen_rules", "fsdp")
 
-    model_sh = {name: _pure_shardings(nnx.state(m), mesh, rules) for name, m in abstract.items()}
-    params_sh, frozen_sh = split.cut(model_sh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    model_sh = {name: _pure_shardings(nnx.state(m), mesh, rules) for name, m in abstract.items()}
+    frozen_model_sh = {name: _pure_shardings(nnx.state(m), mesh, frozen_rules(rules, placement))
+                       for name, m in abstract.items()}
+    params_sh, frozen_sh = split.cut_shardings(model_sh, frozen_model_sh, replicated)
 
     def fresh_state(params):
         return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -247,7 +310,7 @@ def make_plan(config, mesh, rules, mask_id: int) -> Plan:
     add = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
     return Plan(arch, runtime, split, tx, schedule, add(abstract_state, state_sh), state_sh,
                 add(abstract_frozen, frozen_sh), frozen_sh, counts, init_fn, fresh_state, mask_id, use_ema,
-                mesh=mesh, rules=tuple(tuple(r) for r in rules))
+                mesh=mesh, rules=tuple(tuple(r) for r in rules), frozen_placement=placement)
 
 
 def _like_params(opt_state, params, params_sh, replicated):

@@ -3,7 +3,9 @@
 `make_train_step(plan, loss_cfg, ...)` returns `step(state, frozen, batch) ->
 (state, metrics)`, jitted with the plan's shardings and the state donated.
 Compute dtype comes from Runtime.dtype inside the networks; the params in the
-state stay float32 (master weights). With `microbatches = n`, the global batch
+state stay float32 (master weights); each kernel is cast to the compute dtype on its shard
+and gathered where a matmul reads it (sharding.use_weight), frozen ones from the placement
+sharding.frozen_rules gives them. With `microbatches = n`, the global batch
 is split into n strided slices (every device keeps its share of each slice),
 gradients are summed over a lax.scan and averaged.
 
@@ -19,38 +21,57 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dual_diffusion.sharding import activation_sharding
+from dual_diffusion.sharding import activation_sharding, frozen_rules, weights_placed_by
 from dual_diffusion.training.loss import LossConfig, Networks, combine, corrupt, latent_shape, per_example_losses
-from dual_diffusion.training.state import Plan, apply_mask, update_mask
+from dual_diffusion.training.state import Plan
 
 
 def make_networks(plan: Plan, params: dict, frozen: dict, latent_shift: float, latent_scale: float) -> Networks:
     """The loss's network callables over (params, frozen).
 
     A T5 with nothing in `params` (text_encoder_trainable "none") is wrapped in
-    stop_gradient: it costs a forward pass only, never a backward one.
+    stop_gradient: it costs a forward pass only, never a backward one. With only the
+    mask row training, T5 reads it in place of its table's row, and the captions (which
+    hold no mask token) run forward only. Both halves' rows go through T5's layers in one
+    pass (`encode_texts`), so each layer's weights are gathered once for both.
     """
     transformer = plan.split.merge("transformer", params, frozen)
     text_encoder = plan.split.merge("text_encoder", params, frozen)
-    encode_text = text_encoder if "text_encoder" in params else _frozen(text_encoder)
-    # Only the mask row trains: the captions (no mask token) need T5's forward pass only.
-    encode_caption = _frozen(text_encoder) if plan.split.embed_path is not None else encode_text
+    row = dict(mask_row_1xD=plan.split.mask_row(params), mask_id=plan.mask_id)
+    trains_t5 = plan.split.trainable.get("text_encoder")  # "all": T5's weights are trainable ones
+    # Captions take no gradient unless the whole T5 trains (the mask row never occurs in them).
+    caption_grad = bool(trains_t5)
+    stored = None if trains_t5 else frozen_rules(plan.rules, plan.frozen_placement)
+
+    def encode_text(ids):
+        with weights_placed_by(stored):
+            hidden = text_encoder(ids, **row)
+        return hidden if "text_encoder" in params else jax.lax.stop_gradient(hidden)
+
+    def encode_texts(caption_ids, noisy_ids):
+        with weights_placed_by(stored):
+            hidden = text_encoder.encode_two(caption_ids, noisy_ids, differentiate_frozen=caption_grad, **row)
+        return hidden if "text_encoder" in params else jax.lax.stop_gradient(hidden)
+
+    encode_caption = encode_text if caption_grad else _frozen(encode_text)
+    nets = dict(encode_text=encode_text, denoise=transformer, encode_caption=encode_caption,
+                encode_texts=encode_texts)
     if "vae" not in plan.split.graphdefs:  # pixel space (demo): the [-1, 1] image is the latent
-        return Networks(encode_text=encode_text, encode_image=lambda images: images.astype(jnp.float32),
-                        denoise=transformer, encode_caption=encode_caption)
+        return Networks(encode_image=lambda images: images.astype(jnp.float32), **nets)
     vae = plan.split.merge("vae", params, frozen)
 
     def encode_posterior(images):
         """(mean, std) of the VAE posterior in latent units: a draw is (z - shift) * scale."""
-        mean, logvar = vae.encode_moments(images)
+        with weights_placed_by(frozen_rules(plan.rules, plan.frozen_placement)):
+            mean, logvar = vae.encode_moments(images)
         return (mean - latent_shift) * latent_scale, jnp.exp(0.5 * logvar) * latent_scale
 
-    return Networks(encode_text=encode_text, encode_image=lambda images: encode_posterior(images)[0],
-                    denoise=transformer, encode_posterior=encode_posterior, encode_caption=encode_caption)
+    return Networks(encode_image=lambda images: encode_posterior(images)[0], encode_posterior=encode_posterior,
+                    **nets)
 
 
-def _frozen(module):
-    return lambda *args: jax.lax.stop_gradient(module(*args))
+def _frozen(fn):
+    return lambda *args: jax.lax.stop_gradient(fn(*args))
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
@@ -101,11 +122,8 @@ def train_step(state: dict, frozen: dict, batch: dict, *, plan: Plan, loss_cfg: 
     params = state["params"]
     metrics, grads = loss_and_grads(plan, loss_cfg, params, frozen, batch, rng, microbatches,
                                     latent_shift, latent_scale)
-    mask = update_mask(params, plan.split, plan.mask_id)
-    grads = apply_mask(grads, mask)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = plan.tx.update(grads, state["opt_state"], params)
-    updates = apply_mask(updates, mask)  # weight decay must not move frozen rows either
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     applied = finite
