@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dual_diffusion.sharding import use_weight
 
@@ -25,16 +26,21 @@ zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
     """x (..., in) @ kernel (in, out) -> (..., out) in `out_dtype`, as jnp.dot, except that the kernel's
     gradient is accumulated and returned by a float32 matmul: on a mesh the batch's partial sums are then
-    reduce-scattered in float32, not in the compute dtype, before they reach the float32 weights."""
+    reduce-scattered in float32, not in the compute dtype, before they reach the float32 weights. The
+    output is named "matmul" so the remat policies can save it (they do not see into a custom_vjp)."""
+    return checkpoint_name(_matmul(x, kernel, out_dtype), "matmul")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, kernel, out_dtype):
     return jnp.dot(x, kernel, preferred_element_type=out_dtype)
 
 
 def _matmul_fwd(x, kernel, out_dtype):
-    return matmul(x, kernel, out_dtype), (x, kernel)
+    return _matmul(x, kernel, out_dtype), (x, kernel)
 
 
 def _matmul_bwd(out_dtype, residuals, g):
@@ -44,7 +50,7 @@ def _matmul_bwd(out_dtype, residuals, g):
     return x_vjp(g)[0], dk.astype(kernel.dtype)  # the cast back follows the reduction (sharding.use_weight)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Buffer(nnx.Variable):
@@ -132,12 +138,18 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 # Runtime.remat_policy -> what a rematerialised layer saves for the backward pass.
 # Under scan_layers the scan keeps each layer's input either way, so "full" saves only the block inputs.
+# The weight matmuls are `matmul`'s custom_vjp, whose dot the dot policies cannot see: they save its
+# output by name (every dot without batch dimensions in the networks is one of them).
+_cp = jax.checkpoint_policies
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer: recompute it in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": _cp.save_from_both_policies(_cp.checkpoint_dots, _cp.save_only_these_names("matmul")),
+    "dots_no_batch": _cp.save_from_both_policies(_cp.checkpoint_dots_with_no_batch_dims,
+                                                 _cp.save_only_these_names("matmul")),
     # The same saved matmul outputs, kept in host memory between the passes (TPU/GPU; HBM for PCIe traffic).
-    "dots_offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "dots_offload": _cp.save_and_offload_only_these_names(names_which_can_be_saved=[],
+                                                          names_which_can_be_offloaded=["matmul"],
+                                                          offload_src="device", offload_dst="pinned_host"),
 }
 
 
