@@ -342,3 +342,33 @@ def test_text_logits_over_a_fresh_image_cache_equal_the_full_forward():
     np.testing.assert_allclose(logits, full, rtol=1e-6, atol=1e-6 * scale)
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale)
     assert float(np.max(np.abs(np.asarray(other_cached) - np.asarray(other_full)))) > 1e-4 * scale
+
+
+def test_text_window_logits_over_a_fresh_cache_equal_the_full_forward():
+    """MMDiT.text_window_logits (W text positions per row, over the image and text K/V of logits_and_kv)
+    equals the full forward's logits at those positions for the same text (own start per row, with the
+    learned text position table read at the true positions); a window covering the whole row equals
+    text_logits over the image K/V alone."""
+    cfg = dataclasses.replace(_our_cfg("dual_attention"), num_layers=3, dual_attention_layers=(0,),
+                              text_pos_embed_len=7)
+    model = init_mmdit(cfg, Runtime(attention_impl="xla", scan_layers=True), seed=1)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), state)
+    latents, text, t = _inputs()
+    starts, W = jnp.array([1, 4]), 3
+
+    @jax.jit
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        logits, image_kv, text_kv = m.logits_and_kv(latents, text, t)
+        window = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, W))(text, starts)
+        return (logits, text_kv, m.text_window_logits(window, starts, t, image_kv, text_kv),
+                m.text_window_logits(text, jnp.zeros(2, jnp.int32), t, image_kv, text_kv),
+                m.text_logits(text, t, image_kv))
+
+    full, text_kv, windowed, whole, text_only = run(state)
+    scale = float(np.max(np.abs(full)))
+    assert text_kv.k.shape == (3, 2, 7, cfg.num_attention_heads, cfg.attention_head_dim)
+    want = np.stack([np.asarray(full)[b, s:s + W] for b, s in enumerate(np.asarray(starts))])
+    np.testing.assert_allclose(windowed, want, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(whole, text_only, rtol=1e-5, atol=1e-5 * scale)

@@ -238,3 +238,26 @@ def test_sharded_forward_matches_unsharded():
     state = jax.device_put(state, shardings)
     got = jax.jit(lambda s, i, a: nnx.merge(graphdef, s)(i, a))(state, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_window_over_the_cache_of_the_same_ids_equals_the_full_encoding(scan_layers):
+    """encode_with_kv gives __call__'s states; encode_window of W positions per row (own start per row, one at
+    the row's end) over that cache equals the full encoding there: the window's queries see all L keys with
+    the relative position bias of their true positions (long rows: log and saturated buckets)."""
+    cfg = dataclasses.replace(TINY, relative_attention_num_buckets=16, relative_attention_max_distance=20)
+    ids, _ = _inputs(cfg, batch=3, length=40)
+    model = T5Encoder(cfg, Runtime(scan_layers=scan_layers), rngs=nnx.Rngs(3))
+    starts, W = jnp.array([0, 17, 32]), 8
+
+    @nnx.jit
+    def run(model, ids):
+        hidden, kv = model.encode_with_kv(ids)
+        window = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, W))(ids, starts)
+        return model(ids), hidden, kv, model.encode_window(window, starts, kv)
+
+    full, hidden, kv, window = run(model, jnp.asarray(ids))
+    assert kv[0].shape == kv[1].shape == (cfg.num_layers, 3, 40, cfg.num_heads, cfg.d_kv)
+    np.testing.assert_allclose(hidden, full, rtol=1e-6, atol=1e-6)
+    want = np.stack([np.asarray(full)[b, s:s + W] for b, s in enumerate(np.asarray(starts))])
+    np.testing.assert_allclose(window, want, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,9 @@ tokens through the blocks, attending to those cached keys/values plus fresh
 text ones. With the cache of the same text it equals the full forward; with
 later text it is an approximation (in the full network the image stream also
 reads the text), which the samplers refresh (diffusion/text_sampling.py).
+The text cache goes one step further (Fast-dLLM's DualCache): `logits_and_kv`
+also keeps the text's keys and values, and `text_window_logits` runs only a
+window of W text positions per row (the block being decoded) over all of them.
 """
 from __future__ import annotations
 
@@ -135,9 +138,9 @@ class JointBlock(nnx.Module):
         c = c + c_gate_mlp[:, None] * self.txt_mlp(_modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
         return constrain(c, STREAM)
 
-    def forward_with_image_kv(self, x_BxNxD, c_BxLxD, temb_BxD):
-        """__call__ that also returns the image tokens' keys and values (each (B, N, H, Dh)) of the joint
-        attention: what `text_only` attends to."""
+    def forward_with_kv(self, x_BxNxD, c_BxLxD, temb_BxD):
+        """__call__ that also returns the keys and values of the joint attention, (image k, v, text k, v), each
+        (B, N or L, H, Dh): what `text_only` and `text_window` attend to."""
         x_BxNxD, c_BxLxD = constrain(x_BxNxD, STREAM), constrain(c_BxLxD, STREAM)
         img = jnp.split(self.img_mod(jax.nn.silu(temb_BxD)), 9 if self.attn2 is not None else 6, axis=-1)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = img[:6]
@@ -156,11 +159,11 @@ class JointBlock(nnx.Module):
             shift2, scale2, gate2 = img[6:]
             x = x + gate2[:, None] * self.attn2(_modulate(x_norm, shift2, scale2))
         x = x + gate_mlp[:, None] * self.img_mlp(_modulate(layer_norm(x), shift_mlp, scale_mlp))
-        return constrain(x, STREAM), self._text_update(c_BxLxD, o[:, n:], txt), (ki, vi)
+        return constrain(x, STREAM), self._text_update(c_BxLxD, o[:, n:], txt), (ki, vi, kt, vt)
 
     def __call__(self, x_BxNxD, c_BxLxD, temb_BxD):
         """Image tokens x, text tokens c (float32 residual streams), conditioning temb -> (x, c)."""
-        x, c, _ = self.forward_with_image_kv(x_BxNxD, c_BxLxD, temb_BxD)
+        x, c, _ = self.forward_with_kv(x_BxNxD, c_BxLxD, temb_BxD)
         return x, c
 
     def text_only(self, c_BxLxD, temb_BxD, image_kv):
@@ -174,9 +177,41 @@ class JointBlock(nnx.Module):
         o = attention(qt, cat(ki, kt), cat(vi, vt), impl=self.impl, block=self.block)
         return self._text_update(c_BxLxD, o, txt)
 
+    def text_window(self, c_BxWxD, temb_BxD, kv, starts_B):
+        """The update of W text tokens at positions starts[b] + (0..W-1) of each row, with every other key and
+        value given: kv = (image k, v (B, N, H, Dh), text k, v (B, L, H, Dh)); the window's own fresh keys and
+        values replace the cached ones at its positions. With W = L and start 0 this is `text_only`."""
+        c_BxWxD = constrain(c_BxWxD, STREAM)
+        txt = self._text_modulation(temb_BxD)
+        qt, kt, vt = self._text_qkv(c_BxWxD, txt)
+        ki, vi, kc, vc = kv
+        cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+        kt, vt = write_rows(kc, kt, starts_B), write_rows(vc, vt, starts_B)
+        o = attention(qt, cat(ki, kt), cat(vi, vt), impl=self.impl, block=self.block)
+        return self._text_update(c_BxWxD, o, txt)
+
+
+def write_rows(cache_BxLx, window_BxWx, starts_B):
+    """cache with each row b's positions starts[b] .. starts[b] + W - 1 replaced by the window's row b."""
+    return jax.vmap(lambda c, w, s: jax.lax.dynamic_update_slice_in_dim(c, w.astype(c.dtype), s, axis=0))(
+        cache_BxLx, window_BxWx, starts_B)
+
+
+def read_rows(full_BxLx, starts_B, width: int):
+    """(B, width, ...): each row b's positions starts[b] .. starts[b] + width - 1."""
+    return jax.vmap(lambda f, s: jax.lax.dynamic_slice_in_dim(f, s, width, axis=0))(full_BxLx, starts_B)
+
 
 class ImageKV(NamedTuple):
     """Per-layer keys and values of the image tokens, each (layers, B, N, H, Dh): `MMDiT.text_logits`' cache."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class TextKV(NamedTuple):
+    """Per-layer keys and values of the text tokens, each (layers, B, L, H, Dh): with ImageKV,
+    `MMDiT.text_window_logits`' cache."""
 
     k: jax.Array
     v: jax.Array
@@ -303,21 +338,27 @@ class MMDiT(nnx.Module):
         return velocity, self._text_head(text_rows(c) if text_rows is not None else c)
 
     # ---- image K/V cache: text decoding with a clean, fixed image
-    def logits_and_image_kv(self, latents, text_hidden, timestep) -> tuple[jax.Array, ImageKV]:
-        """The text logits of __call__ (B, L, vocab) and every layer's image keys and values (ImageKV).
+    def logits_and_kv(self, latents, text_hidden, timestep) -> tuple[jax.Array, ImageKV, TextKV]:
+        """The text logits of __call__ (B, L, vocab) and every layer's image and text keys and values.
 
         While a caption or answer is decoded the image is clean and fixed, so `text_logits` can reuse
-        these keys and values for later text: an approximation, since in the full network they also
-        depend on the text through the joint attention of the blocks before.
+        the image's keys and values for later text, and `text_window_logits` those of the text outside a
+        window as well: approximations, since in the full network they also depend on the text that
+        changed since (through the joint attention of the blocks before).
         """
         x, c, temb = self._embed(latents, text_hidden, timestep)
 
         def step(block, xc, temb, _):
-            x, c, kv = block.forward_with_image_kv(*xc, temb)
+            x, c, kv = block.forward_with_kv(*xc, temb)
             return (x, c), kv
 
-        (_, c), (k, v) = self._apply_blocks(step, (x, c), temb)
-        return self._text_head(c), ImageKV(k, v)
+        (_, c), (ki, vi, kt, vt) = self._apply_blocks(step, (x, c), temb)
+        return self._text_head(c), ImageKV(ki, vi), TextKV(kt, vt)
+
+    def logits_and_image_kv(self, latents, text_hidden, timestep) -> tuple[jax.Array, ImageKV]:
+        """`logits_and_kv` without the text's keys and values (under jit they are never computed)."""
+        logits, image_kv, _ = self.logits_and_kv(latents, text_hidden, timestep)
+        return logits, image_kv
 
     def text_logits(self, text_hidden, timestep, image_kv: ImageKV) -> jax.Array:
         """Text logits (B, L, vocab) from the text tokens only: in every block the text attends to the
@@ -326,6 +367,21 @@ class MMDiT(nnx.Module):
         c, temb = self._embed_text(text_hidden), self.time_embed(timestep)
         c, _ = self._apply_blocks(lambda block, c, temb, kv: (block.text_only(c, temb, kv), None), c, temb,
                                   per_layer=tuple(image_kv))
+        return self._text_head(c)
+
+    def text_window_logits(self, hidden_BxWxD, starts_B, timestep, image_kv: ImageKV, text_kv: TextKV) -> jax.Array:
+        """Text logits (B, W, vocab) of a window of W text positions per row (row b: starts[b] ..
+        starts[b] + W - 1; hidden_BxWxD: the text encoder's states there), attending in every block to the
+        cached image keys and values and the cached text ones outside the window plus the window's fresh
+        ones. With the cache of the same text, equal to `logits_and_kv`'s logits at those positions."""
+        c = self.context_embedder(hidden_BxWxD, out_dtype=jnp.float32)
+        if self.text_pos_embed is not None:
+            table = jnp.broadcast_to(self.text_pos_embed[...].astype(jnp.float32),
+                                     (c.shape[0],) + self.text_pos_embed.shape[1:])
+            c = c + read_rows(table, starts_B, c.shape[1])
+        c, temb = constrain(c, STREAM), self.time_embed(timestep)
+        c, _ = self._apply_blocks(lambda block, c, temb, kv: (block.text_window(c, temb, kv, starts_B), None),
+                                  c, temb, per_layer=tuple(image_kv) + tuple(text_kv))
         return self._text_head(c)
 
 

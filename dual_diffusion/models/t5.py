@@ -108,6 +108,34 @@ class T5Layer(nnx.Module):
         return tuple(constrain(h + w, STREAM) for h, w in zip(hs, self.wo.each(fs, out_dtype=jnp.float32)))
 
 
+    def with_kv(self, h_BxLxD: jax.Array, bias: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The layer on one row set, also returning its attention keys and values (each (B, L, H, Dh))."""
+        x = self.attn_norm(h_BxLxD)
+        q, k, v = (self._heads(t) for t in (self.q(x), self.k(x), self.v(x)))
+        return self._finish(h_BxLxD, q, k, v, bias), (k, v)
+
+    def window(self, h_BxWxD: jax.Array, bias_BxHxWxL: jax.Array, kv, starts_B: jax.Array) -> jax.Array:
+        """The layer on W positions per row (row b: starts[b] ..), their queries attending to every key: the
+        cached keys and values kv = (k, v) (B, L, H, Dh) with the window's fresh ones written over its positions.
+        bias: the position bias of the window's true positions (queries) against all L (keys)."""
+        from dual_diffusion.models.mmdit import write_rows  # one row writer for both networks
+
+        x = self.attn_norm(h_BxWxD)
+        q, k, v = (self._heads(t) for t in (self.q(x), self.k(x), self.v(x)))
+        return self._finish(h_BxWxD, q, write_rows(kv[0], k, starts_B), write_rows(kv[1], v, starts_B), bias_BxHxWxL)
+
+    def _heads(self, t):
+        return constrain(t.reshape(t.shape[:2] + (self.num_heads, self.head_dim)), ("batch", "seq", "heads", None))
+
+    def _finish(self, h, q, k, v, bias):
+        """h + attention (unscaled logits: T5 folds 1/sqrt(d) into its weights), then the feed-forward."""
+        o = attention(q, k, v, impl=self.attention_impl, bias=bias, scale=1.0).reshape(h.shape[:2] + (-1,))
+        h = h + self.o(o, out_dtype=jnp.float32)
+        x = self.ff_norm(h)
+        f = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x) if self.gated else jax.nn.relu(self.wi(x))
+        return constrain(h + self.wo(constrain(f, ("batch", "seq", "mlp")), out_dtype=jnp.float32), STREAM)
+
+
 class T5Encoder(nnx.Module):
     """T5 encoder: token ids (B, L) [+ attention mask (B, L), 1 = keep] -> float32 (B, L, d_model)."""
 
@@ -177,28 +205,53 @@ class T5Encoder(nnx.Module):
         hs = self._run_layers(hs, bias, stop)
         return tuple(constrain(self.final_norm(h).astype(jnp.float32), STREAM) for h in hs)
 
+    def encode_with_kv(self, token_ids_BxL: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """__call__ (no attention mask) that also returns every layer's attention keys and values, each
+        (layers, B, L, H, Dh): the cache `encode_window` reads."""
+        h = self.embed(token_ids_BxL)
+        bias = self.position_bias(token_ids_BxL.shape[1])
+        h, kv = self._fold_layers(lambda layer, h, _: layer.with_kv(h, bias), h)
+        return constrain(self.final_norm(h).astype(jnp.float32), STREAM), kv
+
+    def encode_window(self, window_ids_BxW: jax.Array, starts_B: jax.Array, kv) -> jax.Array:
+        """Float32 (B, W, d_model): the encoding of the W ids at positions starts[b] .. starts[b] + W - 1 of each
+        row, every other position read from the cache `kv` of `encode_with_kv`. With the cache of the same ids,
+        equal to the full encoding at those positions: each query attends to all L keys, with the relative
+        position bias of its true position."""
+        W, L = window_ids_BxW.shape[1], kv[0].shape[2]
+        full = self.position_bias(L)[0]  # (H, L, L): query rows, key columns
+        bias = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(full, s, W, axis=1))(starts_B)  # (B, H, W, L)
+        h, _ = self._fold_layers(lambda layer, h, kv: (layer.window(h, bias, kv, starts_B), None),
+                                 self.embed(window_ids_BxW), kv)
+        return constrain(self.final_norm(h).astype(jnp.float32), STREAM)
+
     def _run_layers(self, hs: tuple, biases: tuple, stop: tuple) -> tuple:
-        """All layers on each row set of `hs` (stop[i]: set i under stop_gradient), as a Python loop or one
-        lax.scan over per-layer states stacked here.
+        """All layers on each row set of `hs` (stop[i]: set i under stop_gradient)."""
+        def one_layer(layer, hs, _):
+            out = layer(tuple(constrain(h, STREAM) for h in hs), biases)
+            return tuple(jax.lax.stop_gradient(h) if s else h for h, s in zip(out, stop)), None
+
+        return self._fold_layers(one_layer, hs)[0]
+
+    def _fold_layers(self, step, carry, per_layer=None):
+        """Folds `step(layer, carry, x_l) -> (carry, y_l)` over the layers, as a Python loop or one lax.scan over
+        per-layer states stacked here; per_layer: a pytree whose leading axis is the layer (x_l its l-th
+        slice, or None). Returns (carry, the y_l stacked on a leading layer axis, or None).
 
         The stack is a transient copy of the layer parameters (the price of storing them
         per layer, which keeps checkpoints and key maps independent of scan_layers).
         """
         graphdef, _ = nnx.split(self.layers[0])
         states = [nnx.state(layer) for layer in self.layers]
-
-        def one_layer(hs, state):
-            out = nnx.merge(graphdef, state)(tuple(constrain(h, STREAM) for h in hs), biases)
-            return tuple(jax.lax.stop_gradient(h) if s else h for h, s in zip(out, stop))
-
-        one_layer = remat(one_layer, self.runtime.remat_policy)
+        fn = remat(lambda state, carry, x: step(nnx.merge(graphdef, state), carry, x), self.runtime.remat_policy)
         if not self.runtime.scan_layers:
-            for state in states:
-                hs = one_layer(hs, state)
-            return hs
+            ys = []
+            for i, state in enumerate(states):
+                carry, y = fn(state, carry, jax.tree.map(lambda a: a[i], per_layer))
+                ys.append(y)
+            return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        hs, _ = jax.lax.scan(lambda hs, state: (one_layer(hs, state), None), hs, stacked)
-        return hs
+        return jax.lax.scan(lambda carry, sx: fn(sx[0], carry, sx[1]), carry, (stacked, per_layer))
 
 
 def fold_mask_row(table_VxD: jax.Array, mask_row_1xD: jax.Array, mask_id: int) -> jax.Array:
