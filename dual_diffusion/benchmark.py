@@ -57,8 +57,10 @@ import jax.numpy as jnp
 from dual_diffusion import flops, sharding
 from dual_diffusion.diffusion.image_sampling import sample_images
 from dual_diffusion.diffusion.masked import Schedule
-from dual_diffusion.diffusion.text_sampling import METHODS, CachedLogits, sample_text
+from dual_diffusion.diffusion.text_sampling import BLOCK_METHODS, METHODS, CachedLogits, sample_text
+from dual_diffusion.inference.pipelines import text_cached_logits
 from dual_diffusion.models.attention import resolve_impl
+from dual_diffusion.models.layers import read_rows
 from dual_diffusion.models.configs import MMDiTConfig, T5Config
 from dual_diffusion.training.loss import LossConfig
 from dual_diffusion.training.state import make_plan, model_configs
@@ -371,41 +373,48 @@ def bench_t2i(bench: Bench, batch: int, timing: Timing, weights, steps: int, cfg
 
 @dataclasses.dataclass(frozen=True)
 class TextDecoder:
-    """One entry of --sampler: a sample_text method, with the image K/V cache (refresh R) or without (None)."""
+    """One entry of --sampler: a sample_text method, with the image K/V cache (refresh R) or without (None),
+    and with the text cache too (text_cache; block methods)."""
 
     method: str
     image_cache: int | None = None
     threshold: float = 0.9
     num_blocks: int = 4
+    text_cache: bool = False
 
     @property
     def name(self) -> str:
-        return self.method + ("+cache" if self.image_cache is not None else "")
+        return self.method + ("+textcache" if self.text_cache else "+cache" if self.image_cache is not None else "")
 
 
 def parse_samplers(text: str, image_cache: int = 0, threshold: float = 0.9, num_blocks: int = 4) -> list[TextDecoder]:
     out = []
     for spec in (s.strip() for s in text.split(",") if s.strip()):
         method, plus, rest = spec.partition("+")
-        if method not in METHODS or (plus and rest != "cache"):
+        if method not in METHODS or (plus and rest not in ("cache", "textcache")) or (
+                rest == "textcache" and method not in BLOCK_METHODS):
             raise ValueError(f"--sampler={text!r}: {spec!r} is not a method of {list(METHODS)} with an optional "
-                             "'+cache'")
-        out.append(TextDecoder(method, image_cache if plus else None, threshold, num_blocks))
+                             f"'+cache', or one of {list(BLOCK_METHODS)} with '+textcache'")
+        out.append(TextDecoder(method, image_cache if plus else None, threshold, num_blocks, rest == "textcache"))
     if not out:
         raise ValueError(f"--sampler={text!r}: expected a comma list of samplers")
     return out
 
 
-def confident_logits(logits_BxLxV, ids_BxL, share: float, mask_id: int):
+def confident_logits(logits_BxWxV, ids_BxL, share: float, mask_id: int, starts_B=None):
     """The stand-in for a trained model's confidence (--confident_share): a share of positions, drawn
-    from the ids (so the same ids give the same logits), get +30 on one fixed random token each."""
+    from the ids (so the same ids give the same logits), get +30 on one fixed random token each.
+    With starts_B the logits are a window of W positions per row (the text cache's calls)."""
     if share <= 0:
-        return logits_BxLxV
-    B, L, V = logits_BxLxV.shape
+        return logits_BxWxV
+    B, L = ids_BxL.shape
+    V = logits_BxWxV.shape[-1]
     target = jax.random.randint(jax.random.key(7), (B, L), 3, mask_id)
     digest = jnp.sum(ids_BxL.astype(jnp.uint32) * jnp.arange(1, L + 1, dtype=jnp.uint32))
     sure = jax.random.uniform(jax.random.fold_in(jax.random.key(8), digest), (B, L)) < share
-    return logits_BxLxV + 30.0 * (sure[..., None] & (jnp.arange(V) == target[..., None]))
+    if starts_B is not None:
+        target, sure = (read_rows(a, starts_B, logits_BxWxV.shape[1]) for a in (target, sure))
+    return logits_BxWxV + 30.0 * (sure[..., None] & (jnp.arange(V) == target[..., None]))
 
 
 def _text_fn(params, frozen, latents, ids, fixed, rng, *, bench: Bench, decoder: TextDecoder, steps: int,
@@ -413,7 +422,10 @@ def _text_fn(params, frozen, latents, ids, fixed, rng, *, bench: Bench, decoder:
     mmdit, t5 = bench.networks(cast_floats(params, bench.config.runtime.dtype), frozen)  # once, as in t2i
     zeros = jnp.zeros((latents.shape[0],), jnp.float32)  # clean image: timestep 0
     sure = lambda logits, x: confident_logits(logits, x, confident_share, bench.mask_id)  # noqa: E731
-    if decoder.image_cache is None:
+    if decoder.text_cache:
+        logits_fn = text_cached_logits(mmdit, t5, latents, zeros, decoder.image_cache, wrap=lambda logits, x, starts:
+                                       confident_logits(logits, x, confident_share, bench.mask_id, starts))
+    elif decoder.image_cache is None:
         logits_fn = lambda x: sure(mmdit(latents, t5(x), zeros)[1], x)
     else:
         def full(x):
@@ -447,10 +459,12 @@ def bench_text(bench: Bench, what: str, batch: int, timing: Timing, weights, *, 
                                      lambda: compiled(*weights, latents, ids, fixed, rng))
     stats = jax.device_get(stats)  # the same every call: same inputs and key
     nfe, full = int(stats["nfe"]), int(stats["full_passes"])
-    n = flops.image_to_text(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, length, nfe, nfe - full)
+    window = -(-length // decoder.num_blocks) if decoder.text_cache else 0  # sample_text's window
+    n = flops.image_to_text(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, length, nfe, nfe - full, window)
     generated = length - prompt_tokens
     out = row(bench, what, B, sec, n, compiled, compile_sec, tokens_per_sec=B * generated / sec)
-    out.update(sampler=decoder.name, method=decoder.method, image_cache=decoder.image_cache, steps=steps,
+    out.update(sampler=decoder.name, method=decoder.method, image_cache=decoder.image_cache,
+               text_cache=decoder.text_cache, steps=steps,
                text_length=length, generated_tokens=generated, predictions=nfe, full_passes=full,
                nfe_per_row=float(stats["nfe_per_row"].mean()), confident_share=confident_share,
                **({"threshold": decoder.threshold} if decoder.method == "threshold" else {}),
@@ -477,19 +491,28 @@ def _prediction_fns(bench: Bench) -> dict:
     def t5(params, frozen, ids):
         return nets(params, frozen)[1](ids)
 
+    def text_cache(params, frozen, latents, ids):
+        mmdit, t5 = nets(params, frozen)
+        return text_cached_logits(mmdit, t5, latents, t0(ids), 0)
+
     return dict(t5=t5, mmdit_full=mmdit_full, mmdit_cached=mmdit_cached,
                 full=lambda p, f, latents, ids: mmdit_full(p, f, latents, t5(p, f, ids)),
-                cached=lambda p, f, ids, image_kv: mmdit_cached(p, f, t5(p, f, ids), image_kv))
+                cached=lambda p, f, ids, image_kv: mmdit_cached(p, f, t5(p, f, ids), image_kv),
+                text_cache_full=lambda p, f, latents, ids: text_cache(p, f, latents, ids).full(ids),
+                window=lambda p, f, latents, ids, cache, starts, width: text_cache(p, f, latents, ids).window(
+                    ids, cache, starts, width))
 
 
-def bench_text_step(bench: Bench, batch: int, timing: Timing, weights, length: int) -> dict:
+def bench_text_step(bench: Bench, batch: int, timing: Timing, weights, length: int, num_blocks: int = 4) -> dict:
     """One text prediction of `length` tokens, full (and making the image K/V) vs text-only over the cache;
-    the same for the MM-DiT alone (the part the cache changes; T5 runs on every prediction either way)."""
+    the same for the MM-DiT alone (the part the image cache changes); and the text cache's window call (T5
+    and the MM-DiT on ceil(length / num_blocks) positions per row over the cached K/V) vs its full pass."""
     B = batch
     k = jax.random.split(jax.random.key(5), 2)
     latents = jax.device_put(bench.random_latents(k[0], B), bench.batch_sharding(4))
     ids = jax.device_put(bench.random_ids(k[1], (B, length)), bench.batch_sharding(2))
-    fns = {name: jax.jit(fn) for name, fn in _prediction_fns(bench).items()}
+    raw = _prediction_fns(bench)
+    fns = {name: jax.jit(fn) for name, fn in raw.items() if name != "window"}
     hidden = fns["t5"](*weights, ids)
     secs, compiled = {}, {}
     for name, args in (("full", (latents, ids)), ("mmdit_full", (latents, hidden))):
@@ -499,7 +522,18 @@ def bench_text_step(bench: Bench, batch: int, timing: Timing, weights, length: i
         cargs = (ids if name == "full" else hidden, image_kv)
         compiled[cached], compile_sec = compile_ahead(fns[cached], *weights, *cargs)
         secs[cached], _ = timing.measure(f"text_step_{cached}_b{B}", lambda: compiled[cached](*weights, *cargs))
+    width = -(-length // num_blocks)
+    wargs = (latents, ids)
+    compiled["text_cache_full"], _ = compile_ahead(fns["text_cache_full"], *weights, *wargs)
+    secs["text_cache_full"], (_, cache) = timing.measure(f"text_step_text_cache_full_b{B}",
+                                                         lambda: compiled["text_cache_full"](*weights, *wargs))
+    starts = jnp.zeros((B,), jnp.int32)
+    window_fn = jax.jit(functools.partial(raw["window"], width=width))
+    compiled["window"], window_compile = compile_ahead(window_fn, *weights, *wargs, cache, starts)
+    secs["window"], _ = timing.measure(f"text_step_window_b{B}",
+                                       lambda: compiled["window"](*weights, *wargs, cache, starts))
     m, t5, n = bench.mmdit_cfg, bench.t5_cfg, flops.num_image_tokens(bench.mmdit_cfg, bench.latent_side)
+    window_flops = flops.text_prediction(m, t5, B, bench.latent_side, length, window=width)
     full_flops = flops.text_prediction(m, t5, B, bench.latent_side, length)
     cached_flops = flops.text_prediction(m, t5, B, bench.latent_side, length, image_cached=True)
     mmdit_full, mmdit_cached = flops.mmdit_forward(m, B, n, length), flops.mmdit_text_only_forward(m, B, n, length)
@@ -508,7 +542,11 @@ def bench_text_step(bench: Bench, batch: int, timing: Timing, weights, length: i
                time_ratio=secs["full"] / secs["cached"], flops_ratio=full_flops / cached_flops,
                mmdit_full_sec=secs["mmdit_full"], mmdit_cached_sec=secs["mmdit_cached"],
                mmdit_time_ratio=secs["mmdit_full"] / secs["mmdit_cached"], mmdit_flops_ratio=mmdit_full / mmdit_cached,
-               t5_flops=int(flops.t5_forward(t5, B, length)))
+               t5_flops=int(flops.t5_forward(t5, B, length)),
+               window=width, window_sec=secs["window"], text_cache_full_sec=secs["text_cache_full"],
+               window_flops=int(window_flops), window_compile_sec=window_compile,
+               window_time_ratio=secs["full"] / secs["window"], window_flops_ratio=full_flops / window_flops,
+               window_mmdit_flops_ratio=mmdit_full / flops.mmdit_text_only_forward(m, B, n, length, width))
     return out
 
 
@@ -573,7 +611,7 @@ def run(config, whats, batch_text: str = "", opts: Options = Options(), emit=Non
         if what == "t2i":
             return [bench_t2i(bench, b, timing, weights, opts.t2i_steps, opts.cfg_scale)]
         if what == "text_step":
-            return [bench_text_step(bench, b, timing, weights, opts.caption_length)]
+            return [bench_text_step(bench, b, timing, weights, opts.caption_length, opts.num_blocks)]
         caption = what == "caption"
         task = dict(length=opts.caption_length if caption else bench.text_length,
                     prompt_tokens=0 if caption else opts.vqa_prompt_tokens,

@@ -2,7 +2,7 @@ r"""Evaluation from the command line; prints one JSON object of scores.
 
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=shapes [--per_category=50 --num_captions=200
       --num_vqa=200 --t2i_steps=28 --cfg=7 --grid=diffusers|linspace --text_steps=N
-      --sampler=ancestral|confidence|semi_ar|threshold --threshold=0.9 --image_cache=R
+      --sampler=ancestral|confidence|semi_ar|threshold --threshold=0.9 --image_cache=R --text_cache
       --decoding=first_eos|release]
   python -m dual_diffusion.evaluate --checkpoint=WORKDIR --suite=shapes --preset=demo   # the demo's final scores
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=coco_captions --annotations=captions_val2014.json
@@ -56,7 +56,8 @@ DEFAULTS = dict(batch_size=16, seed=1234, dtype="float32", per_category=50, num_
 IMAGE_FLAGS = {"t2i_steps": "steps", "cfg": "cfg_scale", "shift": "shift", "grid": "grid"}
 TEXT_FLAGS = {"text_steps": "steps", "sampler": "method", "temperature": "temperature",
               "min_new_tokens": "min_new_tokens", "decoding": "decoding", "image_latents": "image_latents",
-              "threshold": "threshold", "factor": "factor", "num_blocks": "num_blocks", "image_cache": "image_cache"}
+              "threshold": "threshold", "factor": "factor", "num_blocks": "num_blocks", "image_cache": "image_cache",
+              "text_cache": "text_cache"}
 # What --release-decoding fixes for both text tasks (the steps are per task: pipelines.TEXT_STEPS).
 RELEASE_TEXT = {"sampler": "ancestral", "temperature": 1.0, "min_new_tokens": 0, "decoding": "release",
                 "image_latents": "sample"}
@@ -93,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("num_blocks", type=int, help="blocks of semi_ar and threshold (default 4)")
     add("image_cache", type=int, nargs="?", const=0, metavar="R", help="reuse the image's keys/values, "
         "refreshed every R network calls (0, the value when R is left out: never) and at block starts (default off)")
+    add("text_cache", action="store_true", default=None, help="semi_ar / threshold: also reuse the text's "
+        "keys/values in T5 and the MM-DiT, running them on a window over each row's active block between full "
+        "passes (implies --image_cache, whose R it uses)")
     add("prompt_padding", choices=PROMPT_PADDINGS, help="pad id of prompt rows (default: declared for a "
         "converted checkpoint, eos for a training workdir)")
     add("temperature", type=float, help="default 1")

@@ -94,12 +94,15 @@ def mmdit_forward(cfg: MMDiTConfig, batch: int, image_tokens: int, text_tokens: 
     return sum(mmdit_forward_parts(cfg, batch, image_tokens, text_tokens).values())
 
 
-def mmdit_text_only_forward(cfg: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int) -> int:
+def mmdit_text_only_forward(cfg: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int,
+                            window: int = 0) -> int:
     """`MMDiT.text_logits` with cached image keys and values: per block the text stream's modulation,
-    q/k/v, attention of the L text queries over N + L keys, output projection and MLP; the text head."""
-    b, l, d, H = batch, text_tokens, cfg.hidden_size, cfg.num_attention_heads
+    q/k/v, attention of the L text queries over N + L keys, output projection and MLP; the text head.
+    With `window` W > 0, `MMDiT.text_window_logits`: the same for W text queries (over N + L keys)."""
+    b, d, H = batch, cfg.hidden_size, cfg.num_attention_heads
+    l = window or text_tokens
     per_layer = (linear(b, d, 6 * d) + linear(b * l, d, 3 * d)
-                 + attention(b, H, l, image_tokens + l, cfg.attention_head_dim)
+                 + attention(b, H, l, image_tokens + text_tokens, cfg.attention_head_dim)
                  + linear(b * l, d, d) + 2 * linear(b * l, d, 4 * d))
     return (linear(b, TIME_FREQ_DIM, d) + linear(b, d, d) + linear(b * l, cfg.joint_attention_dim, d)
             + cfg.num_layers * per_layer + linear(b * l, d, cfg.vocab_size))
@@ -114,13 +117,15 @@ def mmdit_forward_backward(cfg: MMDiTConfig, batch: int, image_tokens: int, text
     return int(sum(v * (1 + BACKWARD_FACTORS[loss_on][k]) for k, v in parts.items()))
 
 
-def t5_forward(cfg: T5Config, batch: int, tokens: int) -> int:
-    """T5 encoder forward: q/k/v/o, attention (the relative bias is a gather, no FLOPs), feed-forward."""
+def t5_forward(cfg: T5Config, batch: int, tokens: int, window: int = 0) -> int:
+    """T5 encoder forward: q/k/v/o, attention (the relative bias is a gather, no FLOPs), feed-forward; with
+    `window` W > 0, `T5Encoder.encode_window`: W positions per row whose queries attend to all `tokens` keys."""
     inner = cfg.num_heads * cfg.d_kv
-    rows = batch * tokens
+    q_len = window or tokens
+    rows = batch * q_len
     ff_mats = 3 if cfg.feed_forward_proj == "gated-gelu" else 2
     per_layer = (3 * linear(rows, cfg.d_model, inner) + linear(rows, inner, cfg.d_model)
-                 + attention(batch, cfg.num_heads, tokens, tokens, cfg.d_kv)
+                 + attention(batch, cfg.num_heads, q_len, tokens, cfg.d_kv)
                  + (ff_mats - 1) * linear(rows, cfg.d_model, cfg.d_ff) + linear(rows, cfg.d_ff, cfg.d_model))
     return cfg.num_layers * per_layer
 
@@ -149,18 +154,23 @@ def text_to_image(mmdit: MMDiTConfig, t5: T5Config, batch: int, latent_side: int
 
 
 def text_prediction(mmdit: MMDiTConfig, t5: T5Config, batch: int, latent_side: int, text_tokens: int,
-                    image_cached: bool = False) -> int:
-    """One prediction of the text samplers: T5 on the current ids + MM-DiT with the clean image, in full
-    or (image_cached) text tokens only over the cached image keys and values."""
+                    image_cached: bool = False, window: int = 0) -> int:
+    """One prediction of the text samplers: T5 on the current ids + MM-DiT with the clean image, in full,
+    or (image_cached) text tokens only over the cached image keys and values, or (window W > 0, the text
+    cache) T5 and the MM-DiT on W positions per row over the cached keys and values of all the others."""
     n = num_image_tokens(mmdit, latent_side)
+    if window:
+        return t5_forward(t5, batch, text_tokens, window) + mmdit_text_only_forward(mmdit, batch, n, text_tokens,
+                                                                                    window)
     mmdit_part = (mmdit_text_only_forward if image_cached else mmdit_forward)(mmdit, batch, n, text_tokens)
     return t5_forward(t5, batch, text_tokens) + mmdit_part
 
 
 def image_to_text(mmdit: MMDiTConfig, t5: T5Config, batch: int, latent_side: int, text_tokens: int,
-                  predictions: int, cached_predictions: int = 0) -> int:
+                  predictions: int, cached_predictions: int = 0, window: int = 0) -> int:
     """A caption / VQA answer with `predictions` network evaluations (prediction caching's reused steps
-    cost nothing), `cached_predictions` of them text-only over the image K/V cache."""
+    cost nothing), `cached_predictions` of them text-only over the image K/V cache (window W > 0: window
+    calls of the text cache)."""
     full = text_prediction(mmdit, t5, batch, latent_side, text_tokens)
-    cached = text_prediction(mmdit, t5, batch, latent_side, text_tokens, image_cached=True)
+    cached = text_prediction(mmdit, t5, batch, latent_side, text_tokens, image_cached=True, window=window)
     return (predictions - cached_predictions) * full + cached_predictions * cached

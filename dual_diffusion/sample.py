@@ -4,7 +4,7 @@ r"""Sampling from the command line: text to image, in-painting, captions and VQA
       [--num-images=4] [--steps=28] [--cfg=7] [--grid=diffusers|linspace] [--seed=0] --out=grid.png
   python -m dual_diffusion.sample --checkpoint=DIR --task=caption --image=a.png [--image=b.png]
       [--length=N] [--steps=64] [--sampler=ancestral|confidence|semi_ar|threshold] [--threshold=0.9]
-      [--image-cache=R] [--decoding=first_eos|release] [--out=captions.json]
+      [--image-cache=R] [--text-cache] [--decoding=first_eos|release] [--out=captions.json]
   python -m dual_diffusion.sample --checkpoint=DIR --task=vqa --image=a.png --question="what color is the circle?"
       [--steps=32]
   python -m dual_diffusion.sample --checkpoint=DIR --task=inpaint --image=a.png --mask=m.png --prompt="..." --out=x.png
@@ -74,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-cache", "--image_cache", type=int, nargs="?", const=0, metavar="R",
                    help="reuse the image's keys/values, refreshed every R network calls (0, the value when R is "
                         "left out: never) and at block starts; default off")
+    p.add_argument("--text-cache", "--text_cache", action="store_true",
+                   help="semi_ar / threshold: also reuse T5's and the MM-DiT's text keys/values, running the "
+                        "networks on a window over each row's active block between full passes (implies "
+                        "--image-cache, whose R it uses)")
     p.add_argument("--prompt-padding", "--prompt_padding", choices=PROMPT_PADDINGS,
                    help="pad id of prompt rows: the tokenizer's declared pad token (default for a converted "
                         "checkpoint) or EOS (default for a training workdir)")
@@ -180,14 +184,15 @@ def text_options(args):
         return TextOptions(steps=args.steps or TEXT_STEPS["caption" if args.task == "caption" else "vqa"],
                            method=args.sampler, temperature=args.temperature, min_new_tokens=args.min_new_tokens,
                            decoding=args.decoding, image_latents=args.image_latents, threshold=args.threshold,
-                           factor=args.factor, num_blocks=args.num_blocks, image_cache=args.image_cache)
+                           factor=args.factor, num_blocks=args.num_blocks, image_cache=args.image_cache,
+                           text_cache=args.text_cache)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
 def fast_settings(opts) -> dict:
     """The fast-decoding settings of TextOptions that apply to its method, for the printed JSON."""
-    out = {"image_cache": opts.image_cache}
+    out = {"image_cache": opts.image_cache, "text_cache": opts.text_cache}
     if opts.method in ("semi_ar", "threshold"):
         out["num_blocks"] = opts.num_blocks
     if opts.method == "threshold":

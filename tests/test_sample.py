@@ -219,7 +219,8 @@ def test_image_condition_mean_or_posterior_draw(checkpoint):
 
 def test_guidance_only_above_one_and_image_cache_refreshed_every_call(checkpoint):
     """As the release's do_classifier_free_guidance, CFG runs only when the scale is > 1 (0.5 samples what
-    1 does); captions with the image cache refreshed every call are the uncached sampler's."""
+    1 does); captions with the image cache, or the text cache, refreshed every call are the uncached
+    sampler's; the text cache needs a block sampler."""
     from dual_diffusion.inference.pipelines import ImageOptions, Pipeline, TextOptions
     from dual_diffusion.checkpoints.pretrained import load_pretrained
 
@@ -234,7 +235,9 @@ def test_guidance_only_above_one_and_image_cache_refreshed_every_call(checkpoint
         opts=ImageOptions(steps=2, cfg_scale=cfg), latent_shape=shape))(bundle.states))
     assert program(0.5) == program(1.0) != program(1.5)  # the same program: no unconditional branch
     images = np.stack([sample.read_image(str(checkpoint / "a.png"), 32)] * 2)
-    caption = lambda cache: pipe.caption(bundle.states, images, seed=2, opts=TextOptions(  # noqa: E731
-        steps=8, method="threshold", num_blocks=2, threshold=0.5, image_cache=cache))
-    assert caption(1) == caption(None)
-    assert pipe.text_calls["caption"][:2] == pipe.text_calls["caption"][2:]
+    caption = lambda cache, text=False: pipe.caption(bundle.states, images, seed=2, opts=TextOptions(  # noqa: E731
+        steps=8, method="threshold", num_blocks=2, threshold=0.5, image_cache=cache, text_cache=text))
+    assert caption(1) == caption(None) == caption(1, text=True)
+    assert pipe.text_calls["caption"][:2] == pipe.text_calls["caption"][2:4] == pipe.text_calls["caption"][4:]
+    with pytest.raises(ValueError, match="block sampler"):
+        TextOptions(method="confidence", text_cache=True)

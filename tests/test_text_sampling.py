@@ -368,3 +368,54 @@ def test_cache_refreshed_every_call_is_the_uncached_sampler():
     # Full passes only when some row starts a block (rows enter block 2 at their own time).
     assert 2 <= int(st_never["full_passes"]) <= 1 + B < int(st_never["nfe"])
     assert not np.array_equal(np.asarray(never), np.asarray(plain))  # the drift shows: cached calls ran
+
+
+def _windowed(fn, spoil, drift=0.0):
+    """A text-cache CachedLogits over `fn`: window calls return fn's logits at the window (shifted by `drift`
+    times the ids changed since the last full call, the approximation made visible); spoil(logits, ids) may
+    corrupt the positions a sampler must not read."""
+    from dual_diffusion.diffusion.text_sampling import CachedLogits
+    from dual_diffusion.models.layers import read_rows
+
+    def window(ids, seen, starts, width):
+        logits = spoil(fn(ids) + drift * jnp.sum(ids != seen, axis=1)[:, None, None] * jax.nn.one_hot(2, V), ids)
+        return read_rows(logits, starts, width)
+
+    return lambda R: CachedLogits(lambda ids: (spoil(fn(ids), ids), ids), refresh_every=R, window=window)
+
+
+def test_text_cache_refreshed_every_call_is_the_uncached_sampler():
+    ids = jnp.where(FIXED, jnp.arange(L) % 5 + 2, MASK)
+    net = _windowed(_neighbour_logits_fn, lambda logits, ids: logits, drift=3.0)
+    kw = dict(ids=ids, method="threshold", num_blocks=2, seed=3, threshold=0.5)
+    plain, st_plain = _run(_neighbour_logits_fn, **kw)
+    every, st_every = _run(net(1), **kw)
+    np.testing.assert_array_equal(np.asarray(every), np.asarray(plain))
+    assert int(st_every["full_passes"]) == int(st_every["nfe"]) == int(st_plain["nfe"])
+    never, st_never = _run(net(0), **kw)
+    assert int(st_never["full_passes"]) < int(st_never["nfe"])  # window calls ran
+    assert not np.array_equal(np.asarray(never), np.asarray(plain))  # and their drift shows
+    with pytest.raises(ValueError, match="block sampler"):
+        _run(net(0), ids=ids, method="confidence")
+
+
+@pytest.mark.parametrize("method", ["threshold", "semi_ar"])
+def test_text_cache_reads_only_the_active_block(method):
+    """Full and window calls return garbage (a sure token 2) at every position outside each row's active
+    block (its first with a masked position), rows with prompts of 0, 3 and 5 tokens (own blocks, windows
+    clamped at the row's end): the text cache, exact inside the block, decodes as the uncached sampler."""
+    fixed = jnp.arange(L)[None, :] < jnp.array([[0], [3], [5]])
+    ids = jnp.where(fixed, 4, MASK)
+    free = ~fixed
+    gen = jnp.cumsum(free, axis=1) - 1
+    block_id = jnp.where(free, gen * 3 // jnp.sum(free, axis=1, keepdims=True), 3)
+
+    def spoil(logits, ids):
+        active = jnp.min(jnp.where((ids == MASK) & free, block_id, 3), axis=1, keepdims=True)
+        return jnp.where((block_id == active)[..., None], logits, logits + 40.0 * jax.nn.one_hot(2, V))
+
+    kw = dict(ids=ids, fixed=fixed, method=method, num_blocks=3, steps=6, seed=5, threshold=0.5)
+    plain, st_plain = _run(_neighbour_logits_fn, **kw)
+    out, st = _run(_windowed(_neighbour_logits_fn, spoil)(0), **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    assert int(st["full_passes"]) < int(st["nfe"])  # window calls ran over stale positions

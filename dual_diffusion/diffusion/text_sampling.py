@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from dual_diffusion.diffusion import row_keys
 from dual_diffusion.diffusion.masked import Schedule
+from dual_diffusion.models.layers import read_rows, write_rows
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 # Fraction of a segment's masked tokens still masked at progress tau in [0, 1].
@@ -124,23 +125,33 @@ def _ranks(score_BxL):
 
 @dataclasses.dataclass(frozen=True)
 class CachedLogits:
-    """A network whose calls can reuse part of an earlier call: MM-DiT's image K/V during text decoding.
+    """A network whose calls can reuse part of an earlier call: MM-DiT's image K/V (and, with `window`,
+    the text's K/V in T5 and the MM-DiT) during text decoding.
 
     full(ids_BxL) -> (logits (B, L, V), cache): the whole network, plus what later calls reuse.
-    cached(ids_BxL, cache) -> logits: the cheaper call reusing `cache` (an approximation: the cache
-      was computed with the text of the last full call).
+    cached(ids_BxL, cache) -> logits (B, L, V): the image cache's cheaper call reusing `cache` (an
+      approximation: the cache was computed with the text of the last full call).
+    window(ids_BxL, cache, starts_B, W) -> logits (B, W, V): the text cache's call (Fast-dLLM's DualCache),
+      which runs only W positions per row (row b: starts[b] ..) over the cached keys and values of all the
+      others; block samplers only (semi_ar, threshold): each row's window starts at its active block
+      (clamped inside the row) and W = ceil(L / num_blocks) covers it. The window's log-probs are written
+      over the last prediction's; the samplers reveal only inside the active block, so no position outside
+      it is read (tested). Given `window`, every call that is not a full pass is a window call.
     refresh_every: R; a prediction runs `full` on the first call, when R calls (R > 0; 0: never)
       have passed since the last full one, and when a row starts a new block (semi_ar, threshold);
       R = 1 is exactly the uncached sampler.
     """
 
     full: Callable[[jax.Array], tuple[jax.Array, Any]]
-    cached: Callable[[jax.Array, Any], jax.Array]
+    cached: Callable[[jax.Array, Any], jax.Array] | None = None
     refresh_every: int = 0
+    window: Callable[[jax.Array, Any, jax.Array, int], jax.Array] | None = None
 
     def __post_init__(self):
         if self.refresh_every < 0:
             raise ValueError(f"CachedLogits: refresh_every={self.refresh_every}; expected >= 0 (0: never)")
+        if self.cached is None and self.window is None:
+            raise ValueError("CachedLogits: expected a `cached` (image cache) or a `window` (text cache) call")
 
 
 def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_BxL: jax.Array, rng: jax.Array, *,
@@ -212,6 +223,10 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
     guided = uncond_logits_fn is not None and cfg_scale != 1.0
     cached = isinstance(logits_fn, CachedLogits)
     net = logits_fn if cached else CachedLogits(lambda x: (logits_fn(x), ()), lambda x, cache: logits_fn(x), 1)
+    windowed = net.window is not None
+    if windowed and method not in BLOCK_METHODS:
+        raise ValueError(f"sample_text: the text cache (CachedLogits.window) needs a block sampler "
+                         f"{BLOCK_METHODS}; got method={method!r}")
 
     fixed = fixed_BxL.astype(bool)
     free = ~fixed
@@ -219,6 +234,9 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
     gen_index = jnp.cumsum(free, axis=1) - 1  # rank of each free position in its row
     n_free = jnp.maximum(jnp.sum(free, axis=1, keepdims=True), 1)
     block_id = jnp.where(free, gen_index * n_segments // n_free, n_segments)
+    L = x0.shape[1]
+    width = -(-L // n_segments)  # the text cache's window: a block of contiguous free positions fits
+    positions = jnp.arange(L)
     suppress_eos = free & (gen_index < min_new_tokens)
     ts = jnp.linspace(1.0, t_min, steps + 1, dtype=jnp.float32)
     frac_left = UNMASK_SCHEDULES[unmask_schedule]
@@ -226,18 +244,26 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
     def masked(x):
         return (x == mask_id) & free
 
-    def log_probs(logits, x):
-        lu = uncond_logits_fn(x) if guided else None
+    def log_probs(logits, x, pick=lambda a: a):
+        """Log-probs of `logits` at the positions `pick` takes from a (B, L, ...) array (all, or a window)."""
+        lu = pick(uncond_logits_fn(x)) if guided else None
         return process_log_probs(logits, mask_id, uncond_logits_BxLxV=lu, cfg_scale=cfg_scale,
-                                 suppress_eos_BxL=suppress_eos, eos_id=eos_id, temperature=temperature,
+                                 suppress_eos_BxL=pick(suppress_eos), eos_id=eos_id, temperature=temperature,
                                  top_k=top_k, top_p=top_p)
 
-    def predict_full(x, cache):
-        logits, cache = net.full(x)
-        return log_probs(logits, x), cache
+    def window_starts(block):
+        """(B,) each row's window start: its active block's first position, clamped inside the row."""
+        return jnp.clip(jnp.argmax(block_id == block[:, None], axis=1), 0, L - width).astype(jnp.int32)
 
-    def predict_cached(x, cache):
-        return log_probs(net.cached(x, cache), x), cache
+    def predict_full(x, cache, lp, starts, block):
+        logits, cache = net.full(x)
+        return log_probs(logits, x), cache, window_starts(block)
+
+    def predict_cached(x, cache, lp, starts, block):
+        if not windowed:
+            return log_probs(net.cached(x, cache), x), cache, starts
+        lp_window = log_probs(net.window(x, cache, starts, width), x, lambda a: read_rows(a, starts, width))
+        return write_rows(lp, lp_window, starts), cache, starts
 
     def current_block(i, x):
         """(B,) the block each row decodes now: its first with a masked position (threshold), the
@@ -307,26 +333,33 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
         block = current_block(i, x)
         due = ((state["since_full"] < 0) | jnp.any(block != state["cache_block"])
                | ((net.refresh_every > 0) & (state["since_full"] >= net.refresh_every)))
-        need, refresh = ~state["valid"], ~state["valid"] & due
+        if windowed:  # a block that does not fit its window (free positions not contiguous): a full pass
+            start = state["starts"][:, None]
+            due |= jnp.any((block_id == block[:, None]) & ((positions < start) | (positions >= start + width)))
+        # A window call leaves the positions outside its window as the last full pass saw them: a row that
+        # moved to a new block (after a step that revealed nothing, semi_ar) must not read them: a new call.
+        need = ~state["valid"] | (windowed & jnp.any(block != state["cache_block"]))
+        refresh = need & due
+        args = (x, state["cache"], state["lp"], state["starts"], block)
         # Without a cache the network must appear once in the program: no inner cond.
-        predict = (lambda: jax.lax.cond(refresh, predict_full, predict_cached, x, state["cache"])) if cached \
-            else (lambda: predict_full(x, state["cache"]))
-        lp, cache = jax.lax.cond(need, predict, lambda: (state["lp"], state["cache"]))
+        predict = (lambda: jax.lax.cond(refresh, predict_full, predict_cached, *args)) if cached \
+            else (lambda: predict_full(*args))
+        lp, cache, starts = jax.lax.cond(need, predict, lambda: (state["lp"], state["cache"], state["starts"]))
         key, sub = row_keys.split(state["key"])
         x_new, aux = jax.lax.cond(i < steps, step, fill, i, x, lp, state["aux"], sub)
         stats = state["stats"]
         stats = dict(nfe=stats["nfe"] + need, full=stats["full"] + refresh,
                      per_row=stats["per_row"] + (need & jnp.any(masked(x), axis=1)))
         return dict(i=i + 1, x=x_new, lp=lp, valid=~jnp.any(x_new != x), aux=aux, key=key, stats=stats,
-                    cache=cache, cache_block=jnp.where(refresh, block, state["cache_block"]),
+                    cache=cache, starts=starts, cache_block=jnp.where(refresh, block, state["cache_block"]),
                     since_full=jnp.where(refresh, 1, state["since_full"] + need))
 
     # Abstract traces only: no second copy of the network in the program.
-    lp_shape, cache_shape = jax.eval_shape(lambda x: predict_full(x, None), x0)
-    zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)  # noqa: E731
     row = jnp.zeros((B,), jnp.int32)
+    lp_shape, cache_shape, _ = jax.eval_shape(lambda x: predict_full(x, None, None, None, row), x0)
+    zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)  # noqa: E731
     state = dict(i=jnp.int32(0), x=x0, lp=zeros(lp_shape), valid=jnp.bool_(False), aux=(row - 1, row),
-                 key=rng, cache=zeros(cache_shape), cache_block=row - 1, since_full=jnp.int32(-1),
+                 key=rng, cache=zeros(cache_shape), starts=row, cache_block=row - 1, since_full=jnp.int32(-1),
                  stats=dict(nfe=jnp.int32(0), full=jnp.int32(0), per_row=row))
     state = jax.lax.while_loop(cond, body, state)
     if return_stats:

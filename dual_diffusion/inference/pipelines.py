@@ -18,7 +18,7 @@ Caption and VQA rows have their own lengths: the release's 128 tokens, or the
 length the model trained at when shorter (`Pipeline.from_bundle`); their default
 steps are the release's, TEXT_STEPS. Generated ids become text by one of
 DECODINGS (`decode_text`). Text decoding: TextOptions (method, threshold, image_cache,
-...); every call's network calls per row are tallied in `Pipeline.text_calls`.
+text_cache, ...); every call's network calls per row are tallied in `Pipeline.text_calls`.
 
 Randomness is per item: row i of a call draws its noise, tokens and posterior sample from
 fold_in(key(seed), indices[i]) (diffusion/row_keys.py; indices default to 0..B-1), so an
@@ -43,8 +43,9 @@ from dual_diffusion.data.text_layout import vqa_layout
 from dual_diffusion.diffusion import row_keys
 from dual_diffusion.diffusion.image_sampling import GRIDS, sample_images
 from dual_diffusion.diffusion.masked import Schedule
-from dual_diffusion.diffusion.text_sampling import METHODS, CachedLogits, sample_text
+from dual_diffusion.diffusion.text_sampling import BLOCK_METHODS, METHODS, CachedLogits, sample_text
 from dual_diffusion.inference import sharded
+from dual_diffusion.models.layers import read_rows
 from dual_diffusion.tokenizer import EOS_ID, Tokenizer, declared_pad_token
 
 States = Mapping[str, Any]  # {"transformer", "text_encoder"[, "vae"]} -> nnx.State
@@ -87,6 +88,9 @@ class TextOptions:
     image_cache: None (off) or R: the image's per-layer keys and values are computed by a
       full pass and reused by text-only passes, refreshed every R network calls (0: never)
       and at each block start (an approximation; R = 1 is the uncached sampler).
+    text_cache: the text cache too (Fast-dLLM's DualCache; block samplers only): the full pass also keeps
+      T5's and the MM-DiT's text keys and values, and the other calls run T5 and the MM-DiT on a window
+      covering each row's active block only. Implies the image cache (R = image_cache, 0 when None).
     decoding: how generated ids become text, one of DECODINGS (`decode_text`).
     image_latents: "mean" (the VAE posterior mean) or "sample" (a posterior draw, as the
       release's pipeline and VQA script condition on); no effect in pixel space.
@@ -106,6 +110,7 @@ class TextOptions:
     threshold: float = 0.9
     factor: float | None = None
     image_cache: int | None = None
+    text_cache: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -116,10 +121,32 @@ class TextOptions:
             raise ValueError(f"TextOptions: factor={self.factor}; expected > 0 (or None: the threshold rule)")
         if self.image_cache is not None and self.image_cache < 0:
             raise ValueError(f"TextOptions: image_cache={self.image_cache}; expected None (off) or R >= 0")
+        if self.text_cache and self.method not in BLOCK_METHODS:
+            raise ValueError(f"TextOptions: text_cache needs a block sampler {BLOCK_METHODS}; got "
+                             f"method={self.method!r}")
         if self.decoding not in DECODINGS:
             raise ValueError(f"TextOptions: decoding={self.decoding!r}; expected one of {DECODINGS}")
         if self.image_latents not in IMAGE_LATENTS:
             raise ValueError(f"TextOptions: image_latents={self.image_latents!r}; expected one of {IMAGE_LATENTS}")
+
+
+def text_cached_logits(mmdit, t5, latents, timestep, refresh_every: int,
+                       wrap=lambda logits, ids, starts: logits) -> CachedLogits:
+    """The text cache's network for `sample_text` (TextOptions.text_cache): a full pass (T5 and the MM-DiT,
+    keeping T5's, the image's and the text's keys and values per layer) and window calls (T5 and the
+    MM-DiT on W positions per row over that cache). wrap(logits, ids_BxL, starts_B or None for a full pass):
+    a change to the logits (the benchmark's stand-in confidence)."""
+    def full(x):
+        hidden, t5_kv = t5.encode_with_kv(x)
+        logits, image_kv, text_kv = mmdit.logits_and_kv(latents, hidden, timestep)
+        return wrap(logits, x, None), (t5_kv, image_kv, text_kv)
+
+    def window(x, cache, starts, width):
+        t5_kv, image_kv, text_kv = cache
+        hidden = t5.encode_window(read_rows(x, starts, width), starts, t5_kv)
+        return wrap(mmdit.text_window_logits(hidden, starts, timestep, image_kv, text_kv), x, starts)
+
+    return CachedLogits(full, refresh_every=refresh_every, window=window)
 
 
 def decode_text(tokenizer: Tokenizer, ids: Sequence[int], *, task: str = "caption",
@@ -276,7 +303,9 @@ class Pipeline:
         rng = row_keys.item_keys(seed, indices)
         clean, rng = self._image_condition(vae, to_float(images_uint8), rng, opts.image_latents)
         t0 = jnp.zeros((ids.shape[0],), jnp.float32)  # the image is clean: timestep 0
-        if opts.image_cache is None:
+        if opts.text_cache:
+            logits_fn = text_cached_logits(mmdit, t5, clean, t0, opts.image_cache or 0)
+        elif opts.image_cache is None:
             logits_fn = lambda x: mmdit(clean, t5(x), t0)[1]
         else:
             logits_fn = CachedLogits(lambda x: mmdit.logits_and_image_kv(clean, t5(x), t0),

@@ -162,3 +162,14 @@ def remat(fn: Callable, policy: str) -> Callable:
     """`fn` wrapped in jax.checkpoint with the named policy ("none" returns fn unchanged)."""
     check_remat_policy(policy)
     return fn if policy == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+def write_rows(cache_BxLx, window_BxWx, starts_B):
+    """cache with each row b's positions starts[b] .. starts[b] + W - 1 replaced by the window's row b."""
+    return jax.vmap(lambda c, w, s: jax.lax.dynamic_update_slice_in_dim(c, w.astype(c.dtype), s, axis=0))(
+        cache_BxLx, window_BxWx, starts_B)
+
+
+def read_rows(full_BxLx, starts_B, width: int):
+    """(B, width, ...): each row b's positions starts[b] .. starts[b] + width - 1."""
+    return jax.vmap(lambda f, s: jax.lax.dynamic_slice_in_dim(f, s, width, axis=0))(full_BxLx, starts_B)

@@ -40,8 +40,8 @@ from dual_diffusion.models.attention import attention
 from dual_diffusion.sharding import constrain
 from dual_diffusion.models.configs import MMDiTConfig, Runtime
 from dual_diffusion.models.embeddings import PatchEmbed, TimestepEmbedder
-from dual_diffusion.models.layers import (KeyStream, Linear, RMSNorm, check_remat_policy, layer_norm, param, remat,
-                                          zeros)
+from dual_diffusion.models.layers import (KeyStream, Linear, RMSNorm, check_remat_policy, layer_norm, param, read_rows,
+                                          remat, write_rows, zeros)
 
 
 STREAM = ("batch", "seq", None)  # residual streams: rows over the batch axes, width whole on every chip
@@ -189,17 +189,6 @@ class JointBlock(nnx.Module):
         kt, vt = write_rows(kc, kt, starts_B), write_rows(vc, vt, starts_B)
         o = attention(qt, cat(ki, kt), cat(vi, vt), impl=self.impl, block=self.block)
         return self._text_update(c_BxWxD, o, txt)
-
-
-def write_rows(cache_BxLx, window_BxWx, starts_B):
-    """cache with each row b's positions starts[b] .. starts[b] + W - 1 replaced by the window's row b."""
-    return jax.vmap(lambda c, w, s: jax.lax.dynamic_update_slice_in_dim(c, w.astype(c.dtype), s, axis=0))(
-        cache_BxLx, window_BxWx, starts_B)
-
-
-def read_rows(full_BxLx, starts_B, width: int):
-    """(B, width, ...): each row b's positions starts[b] .. starts[b] + width - 1."""
-    return jax.vmap(lambda f, s: jax.lax.dynamic_slice_in_dim(f, s, width, axis=0))(full_BxLx, starts_B)
 
 
 class ImageKV(NamedTuple):

@@ -24,7 +24,7 @@ from flax import nnx
 
 from dual_diffusion.models.attention import attention
 from dual_diffusion.models.configs import Runtime, T5Config
-from dual_diffusion.models.layers import Linear, RMSNorm, check_remat_policy, remat
+from dual_diffusion.models.layers import Linear, RMSNorm, check_remat_policy, remat, write_rows
 from dual_diffusion.sharding import constrain
 
 STREAM = ("batch", "seq", None)
@@ -118,8 +118,6 @@ class T5Layer(nnx.Module):
         """The layer on W positions per row (row b: starts[b] ..), their queries attending to every key: the
         cached keys and values kv = (k, v) (B, L, H, Dh) with the window's fresh ones written over its positions.
         bias: the position bias of the window's true positions (queries) against all L (keys)."""
-        from dual_diffusion.models.mmdit import write_rows  # one row writer for both networks
-
         x = self.attn_norm(h_BxWxD)
         q, k, v = (self._heads(t) for t in (self.q(x), self.k(x), self.v(x)))
         return self._finish(h_BxWxD, q, write_rows(kv[0], k, starts_B), write_rows(kv[1], v, starts_B), bias_BxHxWxL)
