@@ -1,11 +1,13 @@
 r"""Quality against cost of the text samplers on a shapes-world checkpoint (README, Sampling).
 
     python tools/text_decoding_table.py --checkpoint=WORKDIR [--num=400] [--seed=1234] [--batch_size=50]
-        [--taus=0.7,0.8,0.9,0.95] [--image_cache=0] [--num_blocks=4] [--temperature=0] [--out=table.md]
+        [--samplers=release,confidence,threshold] [--taus=0.7,0.8,0.9,0.95] [--image_cache=0] [--num_blocks=4]
+        [--temperature=0] [--out=table.md]
 
 Rows: the release's sampler (ancestral, temperature 1, 64 caption / 32 VQA steps), the confidence
 sampler and the threshold sampler at each TAU (the same step budgets, `--temperature`), each without
-and with the image K/V cache (refresh every `--image_cache` calls and at block starts). Columns: mean
+and with the image K/V cache (refresh every `--image_cache` calls and at block starts), and the
+threshold sampler also with the text cache (TextOptions.text_cache, same R). Columns: mean
 network calls per row (`nfe`, each row's own count), seconds per row (wall time after compiling, this
 machine: compare within one table), caption attribute accuracy and VQA accuracy on the shapes
 evaluation sets (`--num` items each, `--seed`), and for the cache rows the share of rows whose
@@ -25,6 +27,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+GROUPS = ("release", "confidence", "threshold")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, as every error of the project's commands
         self.exit(2, f"error: {message} (see --help)\n")
@@ -36,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num", type=int, default=400, help="captions and VQA questions, each")
     p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation sets and the samplers")
     p.add_argument("--batch_size", type=int, default=50, help="rows per call (divides --num)")
+    p.add_argument("--samplers", default="release,confidence,threshold",
+                   help="comma list of the row groups to run: release, confidence, threshold")
     p.add_argument("--taus", default="0.7,0.8,0.9,0.95", help="thresholds of the threshold sampler")
     p.add_argument("--image_cache", type=int, default=0, help="R of the cache rows (0: block starts only)")
     p.add_argument("--num_blocks", type=int, default=4, help="blocks of the threshold sampler")
@@ -45,17 +52,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num < 1 or args.batch_size < 1 or args.num % args.batch_size:
         p.error(f"--num={args.num} must be a positive multiple of --batch_size={args.batch_size}")
+    groups = [g.strip() for g in args.samplers.split(",") if g.strip()]
+    if not groups or set(groups) - set(GROUPS):
+        p.error(f"--samplers={args.samplers!r}: expected a comma list of {list(GROUPS)}")
     return args
 
 
 def samplers(args) -> list[tuple[str, dict]]:
-    """(row name, TextOptions fields except steps and cache) in table order."""
+    """(row name, TextOptions fields except steps and caches) in table order, of the --samplers groups."""
     greedy = dict(temperature=args.temperature, min_new_tokens=args.min_new_tokens)
+    groups = {g.strip() for g in args.samplers.split(",")}
     rows = [("release ancestral", dict(method="ancestral", temperature=1.0, min_new_tokens=args.min_new_tokens)),
             ("confidence", dict(method="confidence", **greedy))]
-    rows += [(f"threshold {tau:g}", dict(method="threshold", threshold=tau, num_blocks=args.num_blocks, **greedy))
-             for tau in (float(t) for t in args.taus.split(","))]
+    rows = [r for r, group in zip(rows, GROUPS) if group in groups]
+    if "threshold" in groups:
+        rows += [(f"threshold {tau:g}", dict(method="threshold", threshold=tau, num_blocks=args.num_blocks,
+                                              **greedy)) for tau in (float(t) for t in args.taus.split(","))]
     return rows
+
+
+def cache_label(row: dict) -> str:
+    if row["image_cache"] is None:
+        return "off"
+    return f"{'text' if row['text_cache'] else 'image'} R={row['image_cache']}"
 
 
 def decode_set(pipe, states, images, rows, opts, task: str, batch_size: int, seed: int):
@@ -96,10 +115,12 @@ def measure(args) -> tuple[list[dict], dict]:
     out = []
     for name, fields in samplers(args):
         plain = {}
-        for cache in (None, args.image_cache):
-            row = dict(sampler=name, image_cache=cache, **fields)
+        caches = [(None, False), (args.image_cache, False)]
+        caches += [(args.image_cache, True)] if fields["method"] == "threshold" else []
+        for cache, text_cache in caches:
+            row = dict(sampler=name, image_cache=cache, text_cache=text_cache, **fields)
             for task, (images, rows) in tasks.items():
-                opts = TextOptions(steps=TEXT_STEPS[task], image_cache=cache, **fields)
+                opts = TextOptions(steps=TEXT_STEPS[task], image_cache=cache, text_cache=text_cache, **fields)
                 ids, calls, sec = decode_set(pipe, bundle.states, images, rows, opts, task, args.batch_size,
                                              args.seed)
                 texts = pipe.decode_generated(ids, rows[1], task=task)
@@ -129,11 +150,11 @@ def markdown(rows: list[dict], args, facts: dict) -> str:
             f"questions of the shapes evaluation sets (seed {args.seed}), batch {args.batch_size}, "
             f"{facts['caption_length']}-token caption / {facts['vqa_length']}-token VQA rows; "
             f"{datetime.date.today()}, {platform.node()} ({os.cpu_count()} CPUs), jax {jax.__version__}.\n\n")
-    lines = ["| sampler | image cache | calls/caption | calls/answer | s/caption | s/answer | caption attr. acc. "
+    lines = ["| sampler | cache | calls/caption | calls/answer | s/caption | s/answer | caption attr. acc. "
              "| VQA acc. | identical captions / answers |", "|" + " --- |" * 9]
     for r in rows:
         same = (f"{r['caption_identical']:.3f} / {r['vqa_identical']:.3f}" if r["image_cache"] is not None else "")
-        lines.append(f"| {r['sampler']} | {'R=' + str(r['image_cache']) if r['image_cache'] is not None else 'off'} "
+        lines.append(f"| {r['sampler']} | {cache_label(r)} "
                      f"| {f(r['caption_nfe'], '.2f')} | {f(r['vqa_nfe'], '.2f')} | {f(r['caption_sec_per_row'], '.4f')} "
                      f"| {f(r['vqa_sec_per_row'], '.4f')} | {f(r['caption_attribute_accuracy'], '.3f')} "
                      f"| {f(r['vqa_accuracy'], '.3f')} | {same} |")

@@ -14,6 +14,9 @@ is not a pure function of the ids would be wrong to cache; none is in D-DiT.
 
 Image K/V cache (`CachedLogits`): a cheaper, approximate call that reuses part of
 an earlier full call (MM-DiT's image keys and values), refreshed on a schedule.
+Text cache (`CachedLogits.window`, Fast-dLLM's DualCache; block samplers): the
+full call also keeps the text's keys and values (T5 and MM-DiT), and the other
+calls run the networks on a window over each row's active block only.
 
 Precision of categorical draws: tokens are drawn by Gumbel-max on float32
 log-probabilities with `jax.random.gumbel(mode="highest")`, which builds the
@@ -165,7 +168,8 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
     """Fills the non-fixed positions of `ids_BxL`; returns int32 ids (B, L) [, stats].
 
     logits_fn(ids_BxL) -> logits (B, L, V): the network closure (T5 + MM-DiT + image), or a
-      `CachedLogits` (the image K/V cache: cheaper calls that reuse the image's keys and values).
+      `CachedLogits` (the image K/V cache: cheaper calls that reuse the image's keys and values; with
+      `window`, the text cache: calls on a window over each row's active block).
     fixed_BxL: True where the caller's id is kept (prompt); every other position
       starts as `mask_id` and is generated.
     rng: one key, or one per row (B,): then each row draws from its own key only
