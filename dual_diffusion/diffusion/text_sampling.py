@@ -282,6 +282,30 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
     def candidate_prob(lp, cand):
         return jnp.exp(jnp.take_along_axis(lp, cand[..., None], axis=-1)[..., 0])
 
+    def fits_window(block, starts):
+        """() bool: every row's active block lies inside its window."""
+        start = starts[:, None]
+        return ~jnp.any((block_id == block[:, None]) & ((positions < start) | (positions >= start + width)))
+
+    def block_candidates(rng, lp, block):
+        """(candidates, their probabilities), each (B, L), valid inside each row's active block: drawn on a
+        window of W positions per row over it when every row's block fits one (a draw over the whole
+        vocabulary costs as much per position as a window call of the network at 512 px), else on all."""
+        def whole(lp):
+            cand = candidates(rng, lp)
+            return cand, candidate_prob(lp, cand)
+
+        if width == L:
+            return whole(lp)
+        starts = window_starts(block)
+
+        def windowed(lp):
+            cand, prob = whole(read_rows(lp, starts, width))
+            return (write_rows(jnp.zeros(lp.shape[:2], jnp.int32), cand, starts),
+                    write_rows(jnp.zeros(lp.shape[:2], jnp.float32), prob, starts))
+
+        return jax.lax.cond(fits_window(block, starts), windowed, whole, lp)
+
     def ancestral_step(i, x, lp, aux, rng):
         stay = schedule.stay_masked_prob(ts[i], ts[i + 1])
         return ancestral_update(rng, x, lp, free, stay, mask_id, greedy=temperature == 0), aux
@@ -292,9 +316,13 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
         eligible = masked(x) & ((block_id == seg) if method == "semi_ar" else True)
         n_now = jnp.sum(eligible, axis=1)
         n0 = jnp.where(j == 0, n_now, aux[0])  # masked count at the segment's start
-        cand = candidates(rng_tok, lp)
+        if method == "semi_ar":
+            cand, prob = block_candidates(rng_tok, lp, jnp.full((x.shape[0],), seg, jnp.int32))
+        else:
+            cand = candidates(rng_tok, lp)
+            prob = candidate_prob(lp, cand) if confidence == "prob" else None
         if confidence == "prob":
-            score = candidate_prob(lp, cand)
+            score = prob
         elif confidence == "margin":
             top2 = jnp.exp(jax.lax.top_k(lp, 2)[0])
             score = top2[..., 0] - top2[..., 1]
@@ -309,8 +337,7 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
         block = current_block(i, x)
         j = jnp.where(block != aux[0], 0, aux[1] + 1)  # steps this row has spent in its block
         eligible = masked(x) & (block_id == block[:, None])
-        cand = candidates(rng, lp)
-        prob = candidate_prob(lp, cand)
+        cand, prob = block_candidates(rng, lp, block)
         rank = _ranks(jnp.where(eligible, prob, -jnp.inf))
         sure = prob >= (threshold if factor is None else 1.0 - factor / (rank + 2.0))
         reveal = eligible & (sure | (rank == 0) | (j == seg_steps - 1)[:, None])
@@ -338,8 +365,7 @@ def sample_text(logits_fn: LogitsFn | CachedLogits, ids_BxL: jax.Array, fixed_Bx
         due = ((state["since_full"] < 0) | jnp.any(block != state["cache_block"])
                | ((net.refresh_every > 0) & (state["since_full"] >= net.refresh_every)))
         if windowed:  # a block that does not fit its window (free positions not contiguous): a full pass
-            start = state["starts"][:, None]
-            due |= jnp.any((block_id == block[:, None]) & ((positions < start) | (positions >= start + width)))
+            due |= ~fits_window(block, state["starts"])
         # A window call leaves the positions outside its window as the last full pass saw them: a row that
         # moved to a new block (after a step that revealed nothing, semi_ar) must not read them: a new call.
         need = ~state["valid"] | (windowed & jnp.any(block != state["cache_block"]))
