@@ -171,3 +171,21 @@ def test_flag_parsing_names_bad_values():
     assert benchmark.parse_batches("2,4", "train") == (2, 4)
     with pytest.raises(ValueError, match="--batch='0'"):
         benchmark.parse_batches("0", "train")
+
+
+def test_text_cache_window_flops_and_sampler_names():
+    """A window covering the whole row costs what the image cache's text-only call costs (T5 in full and the
+    MM-DiT's text stream); a quarter window cuts T5's 4x; +textcache parses for block samplers only."""
+    c, side, length = benchmark.bench_config(stage2.get_config(), image_size=512, text_length=128)
+    mmdit, t5 = MMDiTConfig.from_dict(c.model.transformer.to_dict()), T5Config.from_dict(c.model.text_encoder.to_dict())
+    assert flops.text_prediction(mmdit, t5, 2, side, length, window=length) == flops.text_prediction(
+        mmdit, t5, 2, side, length, image_cached=True)
+    assert 4 * flops.t5_forward(t5, 2, 128, window=32) == flops.t5_forward(t5, 2, 128)  # all per query, keys 128
+    full, window = flops.text_prediction(mmdit, t5, 1, side, 128), flops.text_prediction(mmdit, t5, 1, side, 128,
+                                                                                           window=32)
+    assert 8 < full / window < 9  # SD3-medium + T5-XXL at 512 px (README, Benchmark)
+    decoders = benchmark.parse_samplers("ancestral,threshold+cache,semi_ar+textcache", image_cache=3)
+    assert [(d.name, d.image_cache, d.text_cache) for d in decoders] == [
+        ("ancestral", None, False), ("threshold+cache", 3, False), ("semi_ar+textcache", 3, True)]
+    with pytest.raises(ValueError, match="'ancestral\\+textcache'"):
+        benchmark.parse_samplers("ancestral+textcache")

@@ -19,6 +19,7 @@ from dual_diffusion.convert.mmdit_keys import mmdit_rules, sd3_init_plan
 from dual_diffusion.models.configs import MMDiTConfig, Runtime, mmdit_from_diffusers, mmdit_to_diffusers
 from dual_diffusion.models.embeddings import sincos_2d_grid
 from dual_diffusion.models.mmdit import MMDiT, abstract_mmdit, count_params, init_mmdit
+from dual_diffusion.models.layers import read_rows
 from dual_diffusion.sharding import DEFAULT_RULES, make_mesh, state_shardings
 
 torch = pytest.importorskip("torch")
@@ -361,7 +362,7 @@ def test_text_window_logits_over_a_fresh_cache_equal_the_full_forward():
     def run(state):
         m = nnx.merge(graphdef, state)
         logits, image_kv, text_kv = m.logits_and_kv(latents, text, t)
-        window = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, W))(text, starts)
+        window = read_rows(text, starts, W)
         return (logits, text_kv, m.text_window_logits(window, starts, t, image_kv, text_kv),
                 m.text_window_logits(text, jnp.zeros(2, jnp.int32), t, image_kv, text_kv),
                 m.text_logits(text, t, image_kv))

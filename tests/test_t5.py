@@ -12,6 +12,7 @@ from dual_diffusion.convert.keymap import export_torch_state, load_torch_state
 from dual_diffusion.convert.t5_keys import t5_rules
 from dual_diffusion.models.configs import Runtime, T5Config
 from dual_diffusion.models.t5 import T5Encoder, relative_position_buckets
+from dual_diffusion.models.layers import read_rows
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -253,7 +254,7 @@ def test_window_over_the_cache_of_the_same_ids_equals_the_full_encoding(scan_lay
     @nnx.jit
     def run(model, ids):
         hidden, kv = model.encode_with_kv(ids)
-        window = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, W))(ids, starts)
+        window = read_rows(ids, starts, W)
         return model(ids), hidden, kv, model.encode_window(window, starts, kv)
 
     full, hidden, kv, window = run(model, jnp.asarray(ids))

@@ -372,6 +372,8 @@ def _windowed(fn, spoil, drift=0.0):
 
 @pytest.mark.parametrize("cache", ["image", "text"])
 def test_cache_refreshed_every_call_is_the_uncached_sampler(cache):
+    """R = 1 is the uncached sampler; (image cache) R = 0 makes full passes at block starts only and its
+    drift shows (the text cache's R = 0 is test_text_cache_reads_only_the_active_block)."""
     ids = jnp.where(FIXED, jnp.arange(L) % 5 + 2, MASK)
     net = (_cached_pair(_neighbour_logits_fn, drift=3.0) if cache == "image"
            else _windowed(_neighbour_logits_fn, lambda logits, ids: logits, drift=3.0))
@@ -380,13 +382,14 @@ def test_cache_refreshed_every_call_is_the_uncached_sampler(cache):
     every, st_every = _run(net(1), **kw)
     np.testing.assert_array_equal(np.asarray(every), np.asarray(plain))
     assert int(st_every["full_passes"]) == int(st_every["nfe"]) == int(st_plain["nfe"])
+    if cache == "text":
+        with pytest.raises(ValueError, match="block sampler"):
+            _run(net(0), ids=ids, method="confidence")
+        return
     never, st_never = _run(net(0), **kw)
     # Full passes only when some row starts a block (rows enter block 2 at their own time).
     assert 2 <= int(st_never["full_passes"]) <= 1 + B < int(st_never["nfe"])
     assert not np.array_equal(np.asarray(never), np.asarray(plain))  # the drift shows: cached calls ran
-    if cache == "text":
-        with pytest.raises(ValueError, match="block sampler"):
-            _run(net(0), ids=ids, method="confidence")
 
 
 @pytest.mark.parametrize("method", ["threshold", "semi_ar"])

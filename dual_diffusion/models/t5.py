@@ -9,6 +9,10 @@ The relative position bias is computed once from one bucket table and shared
 by every layer (transformers keeps that table in layer 0; here it sits beside
 the layers, so all layers are identical and can be scanned).
 
+Text cache (diffusion/text_sampling.py): `encode_with_kv` also returns every
+layer's keys and values, and `encode_window` encodes W positions per row over
+them (queries at their true positions against all L keys), the rest unchanged.
+
 Precision: parameters stay in param_dtype and are cast to Runtime.dtype on use;
 norms compute in float32, the residual stream is kept in float32 and the
 output is float32.
@@ -106,7 +110,6 @@ class T5Layer(nnx.Module):
         fs = [constrain(f, ("batch", "seq", "mlp")) for f in fs]
         # transformers keeps wo in float32 under half precision; we accumulate it in float32.
         return tuple(constrain(h + w, STREAM) for h, w in zip(hs, self.wo.each(fs, out_dtype=jnp.float32)))
-
 
     def with_kv(self, h_BxLxD: jax.Array, bias: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """The layer on one row set, also returning its attention keys and values (each (B, L, H, Dh))."""
