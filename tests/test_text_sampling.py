@@ -357,46 +357,40 @@ def _neighbour_logits_fn(ids):
     return table + 1.5 * jax.nn.one_hot(jnp.roll(ids, 1, axis=1), V)
 
 
-def _windowed(fn, spoil, drift=0.0):
-    """A text-cache CachedLogits over `fn`: window calls return fn's logits at the window (shifted by `drift`
-    times the ids changed since the last full call, the approximation made visible); spoil(logits, ids) may
-    corrupt the positions a sampler must not read."""
+def _windowed(fn, spoil):
+    """A text-cache CachedLogits over `fn`: window calls return fn's logits at the window; spoil(logits, ids)
+    corrupts the positions a sampler must not read."""
     from dual_diffusion.diffusion.text_sampling import CachedLogits
     from dual_diffusion.models.layers import read_rows
 
     def window(ids, seen, starts, width):
-        return read_rows(spoil(_drifted(fn, drift, ids, seen), ids), starts, width)
+        return read_rows(spoil(fn(ids), ids), starts, width)
 
     return lambda R: CachedLogits(lambda ids: (spoil(fn(ids), ids), ids), refresh_every=R, window=window)
 
 
-@pytest.mark.parametrize("cache", ["image", "text"])
-def test_cache_refreshed_every_call_is_the_uncached_sampler(cache):
-    """R = 1 is the uncached sampler; (image cache) R = 0 makes full passes at block starts only and its
-    drift shows (the text cache's R = 0 is test_text_cache_reads_only_the_active_block)."""
+def test_cache_refreshed_every_call_is_the_uncached_sampler():
+    """R = 1 is the uncached sampler (the text cache's: tests/test_sample.py, through the pipeline); R = 0
+    makes full passes at block starts only and its drift shows."""
     ids = jnp.where(FIXED, jnp.arange(L) % 5 + 2, MASK)
-    net = (_cached_pair(_neighbour_logits_fn, drift=3.0) if cache == "image"
-           else _windowed(_neighbour_logits_fn, lambda logits, ids: logits, drift=3.0))
+    net = _cached_pair(_neighbour_logits_fn, drift=3.0)
     kw = dict(ids=ids, method="threshold", num_blocks=2, seed=3, threshold=0.5)
     plain, st_plain = _run(_neighbour_logits_fn, **kw)
     every, st_every = _run(net(1), **kw)
     np.testing.assert_array_equal(np.asarray(every), np.asarray(plain))
     assert int(st_every["full_passes"]) == int(st_every["nfe"]) == int(st_plain["nfe"])
-    if cache == "text":
-        with pytest.raises(ValueError, match="block sampler"):
-            _run(net(0), ids=ids, method="confidence")
-        return
     never, st_never = _run(net(0), **kw)
     # Full passes only when some row starts a block (rows enter block 2 at their own time).
     assert 2 <= int(st_never["full_passes"]) <= 1 + B < int(st_never["nfe"])
     assert not np.array_equal(np.asarray(never), np.asarray(plain))  # the drift shows: cached calls ran
 
 
-@pytest.mark.parametrize("method", ["threshold", "semi_ar"])
-def test_text_cache_reads_only_the_active_block(method):
+def test_text_cache_reads_only_the_active_block():
     """Full and window calls return garbage (a sure token 2) at every position outside each row's active
     block (its first with a masked position), rows with prompts of 0, 3 and 5 tokens (own blocks, windows
-    clamped at the row's end): the text cache, exact inside the block, decodes as the uncached sampler."""
+    clamped at the row's end): the text cache (threshold sampler), exact inside the block, decodes as the
+    uncached sampler; it refuses a sampler without blocks."""
+    method = "threshold"
     fixed = jnp.arange(L)[None, :] < jnp.array([[0], [3], [5]])
     ids = jnp.where(fixed, 4, MASK)
     free = ~fixed
@@ -412,3 +406,5 @@ def test_text_cache_reads_only_the_active_block(method):
     out, st = _run(_windowed(_neighbour_logits_fn, spoil)(0), **kw)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
     assert int(st["full_passes"]) < int(st["nfe"])  # window calls ran over stale positions
+    with pytest.raises(ValueError, match="block sampler"):
+        _run(_windowed(_neighbour_logits_fn, spoil)(0), **dict(kw, method="confidence"))
