@@ -315,8 +315,8 @@ def test_release_decoding_resolves_the_release_protocol():
 
 
 def test_fast_decoding_flags_and_nfe_in_the_scores(tmp_path, monkeypatch, capsys):
-    """--sampler=threshold --threshold --num_blocks --image_cache reach both TextOptions (a bare --image_cache
-    is R = 0); the printed scores give the mean network calls per row of each text task."""
+    """--sampler=threshold --threshold --num_blocks --image_cache --text_cache reach both TextOptions (a bare
+    --image_cache is R = 0); the printed scores give the mean network calls per row of each text task."""
     from types import SimpleNamespace
 
     import jax
@@ -329,6 +329,7 @@ def test_fast_decoding_flags_and_nfe_in_the_scores(tmp_path, monkeypatch, capsys
     for opts in (st["caption_opts"], st["vqa_opts"]):
         assert (opts.method, opts.threshold, opts.num_blocks, opts.image_cache) == ("threshold", 0.8, 2, 0)
     assert parse("--image_cache=3")["vqa_opts"].image_cache == 3 and parse()["vqa_opts"].image_cache is None
+    assert parse("--sampler=threshold", "--text_cache")["caption_opts"].text_cache and not parse()["vqa_opts"].text_cache
 
     def suite(pipeline, states, **kw):  # stands in for the decoding: 3 and 5 calls for two captions
         pipeline.text_calls["caption"] += [3, 5]
