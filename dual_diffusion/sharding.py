@@ -256,16 +256,16 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> N
 # --------------------------------------------------------------------------- weights where they are used
 # FSDP keeps each weight sharded over the batch's mesh axes and gathers it where a matmul reads it. Left to
 # itself XLA often did otherwise: it kept the weights still and passed activation rows around the ring
-# (collective-permutes), about 70 GiB per chip per stage-2 step (README, "Will it fit?"). `use_weight`
+# (collective-permutes), about 70 GiB per chip per stage-2 step (README, "Will it fit?"). `read_weight`
 # states the gather: the weight, cast to the compute dtype on its own shard, is gathered over the batch's
-# axes (tensor-parallel axes stay), so the gather moves the compute dtype; in the backward pass its
-# gradient, cast back to the stored dtype, is reduce-scattered straight back to the shard.
+# axes (tensor-parallel axes stay), so the gather moves the compute dtype. models/layers.matmul reads its
+# kernels so and reduce-scatters their float32 gradients straight back to the shards.
 _WEIGHT_RULES = threading.local()
 
 
 @contextlib.contextmanager
 def weights_placed_by(rules: Sequence[tuple[str, Any]] | None):
-    """Within this context `use_weight` takes the weights as stored by `rules` (e.g. frozen_rules(...));
+    """Within this context `weight_placement` takes the weights as stored by `rules` (e.g. frozen_rules(...));
     None: by the active activation rules (the trainable weights)."""
     previous = getattr(_WEIGHT_RULES, "value", None)
     _WEIGHT_RULES.value = None if rules is None else tuple(tuple(r) for r in rules)
@@ -275,38 +275,25 @@ def weights_placed_by(rules: Sequence[tuple[str, Any]] | None):
         _WEIGHT_RULES.value = previous
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _gather(w: jax.Array, stored: NamedSharding, used: NamedSharding, dtype, stored_dtype) -> jax.Array:
-    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(w, stored).astype(dtype), used)
-
-
-def _gather_fwd(w, stored, used, dtype, stored_dtype):
-    return _gather(w, stored, used, dtype, stored_dtype), None
-
-
-def _gather_bwd(stored, used, dtype, stored_dtype, _, g):
-    # Back to the stored dtype BEFORE the reduce-scatter: gradients are reduced in float32 (the trainable
-    # weights' dtype) although the forward gathered the compute dtype.
-    return (jax.lax.with_sharding_constraint(g.astype(stored_dtype), stored),)
-
-
-_gather.defvjp(_gather_fwd, _gather_bwd)
-
-
-def use_weight(w: jax.Array, logical: Sequence[str | None], dtype) -> jax.Array:
-    """The weight `w` (logical axes `logical`, as stored) in `dtype` as a matmul reads it: cast on its
-    shard, then gathered over the mesh axes of the `batch` rule. Its gradient is reduce-scattered back in
-    w's own dtype (float32 for trainable weights). Only the cast without an active mesh, or when w is
-    stored whole on those axes (replicated frozen weights)."""
+def weight_placement(shape: Sequence[int], logical: Sequence[str | None]):
+    """(stored, used) NamedShardings of a weight of `shape` (logical axes `logical`): as it is stored, and
+    as a matmul reads it (gathered over the mesh axes of the `batch` rule; tensor-parallel axes stay).
+    None without an active mesh, or when it is stored whole on those axes (replicated frozen weights)."""
     active = active_mesh_and_rules()
     if active is None:
-        return w.astype(dtype)
+        return None
     mesh, rules = active
-    stored = fit_spec(logical_to_mesh_spec(logical, getattr(_WEIGHT_RULES, "value", None) or rules), w.shape, mesh)
+    stored = fit_spec(logical_to_mesh_spec(logical, getattr(_WEIGHT_RULES, "value", None) or rules), shape, mesh)
     batch = dict(rules).get("batch") or ()
     batch = {batch} if isinstance(batch, str) else set(batch)
     keep = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in batch)  # noqa: E731
     used = P(*[(kept[0] if len(kept) == 1 else kept or None) for kept in map(keep, stored)])
-    if used == stored:
+    return None if used == stored else (NamedSharding(mesh, stored), NamedSharding(mesh, used))
+
+
+def read_weight(w: jax.Array, placement, dtype) -> jax.Array:
+    """`w` in `dtype` where a matmul reads it: cast on its own shard, then gathered (weight_placement)."""
+    if placement is None:
         return w.astype(dtype)
-    return _gather(w, NamedSharding(mesh, stored), NamedSharding(mesh, used), jnp.dtype(dtype), w.dtype)
+    stored, used = placement
+    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(w, stored).astype(dtype), used)

@@ -66,20 +66,27 @@ def test_frozen_rules_replicate_every_axis_or_follow_the_rules():
 
 def test_matmul_gradients_are_those_of_jnp_dot():
     """layers.matmul only changes the dtype its kernel gradient is accumulated in (float32, so FSDP
-    reduces it in float32): in float32 both of its gradients are jnp.dot's."""
+    reduces it in float32): in float32 both of its gradients are jnp.dot's, for several inputs at once and
+    a kernel read in another shape (PatchEmbed's)."""
     import jax.numpy as jnp
 
     from dual_diffusion.models.layers import matmul
 
-    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
-    x, k = jax.random.normal(kx, (3, 5, 8)), jax.random.normal(kk, (8, 4))
-    g = jax.random.normal(kg, (3, 5, 4))
-    ours = jax.vjp(lambda a, b: matmul(a, b, jnp.float32), x, k)
-    ref = jax.vjp(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), x, k)
-    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
-    for a, b in zip(ours[1](g), ref[1](g)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # bf16 operands: the kernel's cotangent comes back in the kernel's dtype, from a float32 accumulation
-    dk = jax.vjp(lambda b: matmul(x.astype(jnp.bfloat16), b, jnp.bfloat16), k.astype(jnp.bfloat16))[1](
-        g.astype(jnp.bfloat16))[0]
-    assert dk.dtype == jnp.bfloat16
+    kx, ky, kk, kg = jax.random.split(jax.random.key(0), 4)
+    x, y = jax.random.normal(kx, (3, 5, 8)), jax.random.normal(ky, (2, 8))
+    w = jax.random.normal(kk, (2, 4, 4))  # read as an (8, 4) kernel
+    gx, gy = jax.random.normal(kg, (3, 5, 4)), jnp.ones((2, 4))
+
+    def ours(a, b, k):
+        return matmul([a, b], k, (None, None, None), jnp.float32, jnp.float32, shape=(8, 4))
+
+    def ref(a, b, k):
+        return tuple(jnp.dot(v, k.reshape(8, 4), preferred_element_type=jnp.float32) for v in (a, b))
+
+    (o, o_vjp), (r, r_vjp) = jax.vjp(ours, x, y, w), jax.vjp(ref, x, y, w)
+    for a, b in zip(o + o_vjp((gx, gy)), r + r_vjp((gx, gy))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # a bf16 read of a float32 weight: its cotangent comes back in float32, from a float32 accumulation
+    dw = jax.vjp(lambda k: matmul([x], k, (None, None, None), jnp.bfloat16, jnp.bfloat16, shape=(8, 4))[0],
+                 w)[1](gx.astype(jnp.bfloat16))[0]
+    assert dw.dtype == jnp.float32 and dw.shape == w.shape

@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 
 from dual_diffusion.models.layers import Buffer, Linear, matmul, param, xavier_uniform, zeros
-from dual_diffusion.sharding import use_weight
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -92,8 +91,9 @@ class PatchEmbed(nnx.Module):
         h, w = hh // p, ww // p
         patches = latents_BxHxWxC.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, h * w, p * p * c).astype(self.dtype)
-        kernel = use_weight(self.kernel[...], self.kernel_axes, self.dtype).reshape(p * p * c, -1)
-        tokens = matmul(patches, kernel, jnp.float32) + self.bias[...]
+        kernel = self.kernel[...]
+        tokens = matmul([patches], kernel, self.kernel_axes, self.dtype, jnp.float32,
+                        shape=(p * p * c, kernel.shape[-1]))[0] + self.bias[...]
         return tokens + self.cropped_pos_embed(h, w).astype(jnp.float32)
 
 

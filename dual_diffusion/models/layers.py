@@ -3,7 +3,8 @@
 Parameters are created in `param_dtype` (float32) and cast to the compute
 `dtype` on use, so bf16 training keeps fp32 master weights with one code path.
 On a sharded mesh a kernel is cast on its shard and then gathered where it is
-used (sharding.use_weight), so FSDP's gathers move the compute dtype.
+used (sharding.read_weight, through `matmul`), so FSDP's gathers move the compute dtype and the
+gradients are reduced in float32.
 Normalisations compute in float32 whatever the compute dtype.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from dual_diffusion.sharding import use_weight
+from dual_diffusion.sharding import read_weight, weight_placement
 
 Axes = Sequence[str | None]
 Initializer = Callable[..., jax.Array]
@@ -26,28 +27,47 @@ zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
 
 
-def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
-    """x (..., in) @ kernel (in, out) -> (..., out) in `out_dtype`, as jnp.dot, except that the kernel's
-    gradient is accumulated and returned by a float32 matmul: on a mesh the batch's partial sums are then
-    reduce-scattered in float32, not in the compute dtype, before they reach the float32 weights. The
-    output is named "matmul" so the remat policies can save it (they do not see into a custom_vjp)."""
-    return checkpoint_name(_matmul(x, kernel, out_dtype), "matmul")
+def matmul(xs: Sequence[jax.Array], w: jax.Array, axes: Axes, dtype, out_dtype, shape=None) -> tuple[jax.Array, ...]:
+    """Each x (..., in) of `xs` @ the weight `w` read as an (in, out) kernel -> (..., out) in `out_dtype`.
+
+    On a mesh the kernel is cast to `dtype` on its shard and gathered once for all of `xs`
+    (sharding.read_weight), and reshaped to `shape` (None: w's own shape). Its gradient is accumulated
+    by a float32 matmul and reduce-scattered to w's shard in w's dtype (float32 for trainable weights):
+    no narrowing cast before the reduction that XLA could move ahead of it. Outputs are named
+    "matmul" so the remat policies can save them (they do not see into a custom_vjp).
+    """
+    placement = weight_placement(w.shape, axes)
+    ys = _matmul(tuple(x.astype(dtype) for x in xs), w, placement, jnp.dtype(dtype), jnp.dtype(out_dtype),
+                 None if shape is None else tuple(shape), (tuple(w.shape), jnp.dtype(w.dtype)))
+    return tuple(checkpoint_name(y, "matmul") for y in ys)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x, kernel, out_dtype):
-    return jnp.dot(x, kernel, preferred_element_type=out_dtype)
+def _kernel(w, placement, dtype, shape):
+    k = read_weight(w, placement, dtype)
+    return k if shape is None else k.reshape(shape)
 
 
-def _matmul_fwd(x, kernel, out_dtype):
-    return _matmul(x, kernel, out_dtype), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _matmul(xs, w, placement, dtype, out_dtype, shape, w_meta):
+    k = _kernel(w, placement, dtype, shape)
+    return tuple(jnp.dot(x, k, preferred_element_type=out_dtype) for x in xs)
 
 
-def _matmul_bwd(out_dtype, residuals, g):
-    x, kernel = residuals
-    _, x_vjp = jax.vjp(lambda x_: jnp.dot(x_, kernel, preferred_element_type=out_dtype), x)
-    dk = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
-    return x_vjp(g)[0], dk.astype(kernel.dtype)  # the cast back follows the reduction (sharding.use_weight)
+def _matmul_fwd(xs, w, placement, dtype, out_dtype, shape, w_meta):
+    k = _kernel(w, placement, dtype, shape)
+    return tuple(jnp.dot(x, k, preferred_element_type=out_dtype) for x in xs), (xs, k)
+
+
+def _matmul_bwd(placement, dtype, out_dtype, shape, w_meta, residuals, gs):
+    xs, k = residuals
+    dxs = tuple(jax.vjp(lambda x_: jnp.dot(x_, k, preferred_element_type=out_dtype), x)[1](g)[0]
+                for x, g in zip(xs, gs))
+    dk = sum(jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32) for x, g in zip(xs, gs))
+    w_shape, w_dtype = w_meta
+    dk = dk.reshape(w_shape)
+    if placement is not None:  # the float32 partial sums reduce-scattered to w's shard
+        dk = jax.lax.with_sharding_constraint(dk, placement[0])
+    return dxs, dk.astype(w_dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -107,8 +127,7 @@ class Linear(nnx.Module):
     def each(self, xs: Sequence[jax.Array], out_dtype=None) -> list[jax.Array]:
         """The layer on each input of `xs`, its kernel read (on a mesh: gathered) once for all of them."""
         out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
-        kernel = use_weight(self.kernel[...], self.axes, self.dtype)  # cast on the shard, then gathered
-        ys = [matmul(x.astype(self.dtype), kernel, out_dtype) for x in xs]
+        ys = list(matmul(xs, self.kernel[...], self.axes, self.dtype, out_dtype))
         if self.bias is not None:
             ys = [y + self.bias[...].astype(out_dtype) for y in ys]
         return ys

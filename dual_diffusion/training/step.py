@@ -4,7 +4,7 @@
 (state, metrics)`, jitted with the plan's shardings and the state donated.
 Compute dtype comes from Runtime.dtype inside the networks; the params in the
 state stay float32 (master weights); each kernel is cast to the compute dtype on its shard
-and gathered where a matmul reads it (sharding.use_weight), frozen ones from the placement
+and gathered where a matmul reads it (layers.matmul, sharding.read_weight), frozen ones from the placement
 sharding.frozen_rules gives them. With `microbatches = n`, the global batch
 is split into n strided slices (every device keeps its share of each slice),
 gradients are summed over a lax.scan and averaged.
