@@ -1,6 +1,6 @@
 """Periodic samples during training, and the shapes-suite scores at the end of the demo.
 
-A thin layer over dual_diffusion.pipelines: the train state's weights (EMA when
+A thin layer over dual_diffusion.inference.pipelines: the train state's weights (EMA when
 the run keeps one) plus the frozen weights make each network's state. Written to
 WORKDIR/samples/step_<N>_images.png (one image per fixed prompt, in a row) and
 WORKDIR/samples/step_<N>_captions.json (captions of fixed shapes-world images),
