@@ -263,8 +263,8 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
     monkeypatch.setattr(suites, "shapes_suite",
                         lambda pipeline, states, **kw: calls.append((pipeline, kw)) or {"suite": "shapes"})
     graphdefs = {"transformer": None, "text_encoder": None}
-    trainer = training_samples.Sampler(config, SimpleNamespace(split=SimpleNamespace(graphdefs=graphdefs)),
-                                       None, None, None)
+    split = SimpleNamespace(graphdefs=graphdefs, network_states=lambda weights, frozen: {})
+    trainer = training_samples.Sampler(config, SimpleNamespace(split=split), None, None, None)
     trainer.shapes_suite({"params": {}}, {})
     # The workdir as load_pretrained reads it (sizes from its config.json), without networks.
     bundle = SimpleNamespace(info={"step": 1600, "image_size": 32, "text_length": 32}, configs={},
