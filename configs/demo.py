@@ -18,6 +18,11 @@ one accelerator.
 """
 from configs import common
 
+# One centred object per image, 4 well separated colors x 3 shapes, larger than the full world's (radius
+# 0.19-0.23 of the image: 6-7 px across at 16 px, the sizes the exact reader reads without a miss there).
+DEMO_WORLD = dict(colors=("red", "yellow", "green", "blue"), shapes=("circle", "square", "triangle"),
+                  min_objects=1, max_objects=1, min_radius=0.19, max_radius=0.23, spread=0.0)
+
 
 def get_config(arg=None):
     c = common.base_config()
@@ -37,7 +42,7 @@ def get_config(arg=None):
     t.pos_embed_max_size = 16
     t.vocab_size = common.VOCAB_FROM_TOKENIZER
     t.num_null_image_tokens = 4
-    t.text_pos_embed_len = 32  # a learned text position table: caption slots start distinguishable
+    t.text_pos_embed_len = 24  # a learned text position table: caption slots start distinguishable
     e = c.model.text_encoder
     e.vocab_size = common.VOCAB_FROM_TOKENIZER
     e.d_model, e.d_kv, e.d_ff, e.num_layers, e.num_heads = 64, 16, 128, 2, 4
@@ -49,8 +54,14 @@ def get_config(arg=None):
     c.runtime.attention_impl = "xla"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
 
-    common.set_data(c, image_size=32, text_length=32)  # BPE: VQA rows reach ~31 tokens
-    # The pipeline's default sources are the built-in shapes world (t2i; i2t captions + VQA).
+    common.set_data(c, image_size=16, text_length=24)  # BPE: VQA rows of this world reach 23 tokens
+    # The built-in shapes world, here a small one. Prompts without a color (`colorless_prob`) are where the
+    # image tokens must agree on a color among themselves: drawn 2x as often as by default. Captions are
+    # learned first: VQA's yes/no questions get 3 of every 4 image-to-text rows.
+    c.data.shapes_world.update(DEMO_WORLD)
+    c.data.t2i_sources = [dict(kind="shapes", seed=0, num_records=100_000, weight=1.0, colorless_prob=0.4)]
+    c.data.i2t_sources = [dict(kind="shapes", seed=1, num_records=100_000, weight=1.0,
+                               tasks=("caption", "vqa", "vqa", "vqa"))]
 
     c.loss.lambda_text = 1.0
     # From scratch in minutes: the paper's velocity loss trains the low-noise end that the release's
@@ -68,12 +79,13 @@ def get_config(arg=None):
     c.ema.decay = 0.99  # 0.995 lags a run of a few hundred steps (eval uses the EMA weights)
 
     c.train.batch_size = 32
-    c.train.num_steps = 1600
+    c.train.num_steps = 2000
     c.train.log_every = 25
-    c.checkpoint.every_steps = 400
+    c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 2
-    c.samples.every_steps = 400  # WORKDIR/samples: an image row for the prompts below + captions
-    c.samples.prompts = ("a red circle", "a blue square", "a green triangle", "two yellow circles")
+    c.samples.every_steps = 1000  # WORKDIR/samples: an image row for the prompts below + captions
+    c.samples.prompts = ("a red circle", "a blue square", "a green triangle", "a yellow circle", "a square",
+                         "a triangle")
     c.samples.image_steps = 20
     c.samples.cfg_scale = 3.0
     c.samples.text_steps = 32  # one token per step: fewer clashes such as 'a red squares'
@@ -81,11 +93,27 @@ def get_config(arg=None):
     c.samples.min_new_tokens = 1
     c.eval.shapes_suite = True
     c.eval.shapes_suite_size = 60
-    if arg == "gpu":
-        _gpu_variant(c)
+    if arg in ("full", "gpu"):
+        _full_variant(c)
+        if arg == "gpu":
+            _gpu_variant(c)
         arg = None
     common.apply_variant(c, arg)
     return common.finalize(c)
+
+
+def _full_variant(c) -> None:
+    """`configs/demo.py:full`: the full shapes world (1-4 objects, 3 shapes, 8 colors, relations) with
+    the recipe that was the demo before 2026-12-07 (32 px, 32 text tokens, 1600 steps)."""
+    data = common.data_config()
+    c.data.shapes_world.update(data.shapes_world)
+    c.data.t2i_sources, c.data.i2t_sources = data.t2i_sources, data.i2t_sources
+    common.set_data(c, image_size=32, text_length=32)  # BPE: VQA rows of the full world reach ~31 tokens
+    c.model.transformer.text_pos_embed_len = 32
+    c.train.num_steps = 1600
+    c.checkpoint.every_steps = 400
+    c.samples.every_steps = 400
+    c.samples.prompts = ("a red circle", "a blue square", "a green triangle", "two yellow circles")
 
 
 def _gpu_variant(c) -> None:

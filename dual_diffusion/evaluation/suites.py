@@ -74,33 +74,35 @@ def shapes_suite(pipeline: Pipeline, states: States, *, seed: int = 1234, per_ca
                  num_captions: int = 200, num_vqa: int = 200, batch_size: int = 16,
                  image_opts: ImageOptions = ImageOptions(), text_opts: TextOptions = TextOptions(),
                  vqa_opts: TextOptions | None = None, caption_length: int | None = None,
-                 progress: bool = True) -> dict:
-    """Scores on the shapes world at `pipeline.image_size`; a part with count 0 is skipped.
+                 world=None, progress: bool = True) -> dict:
+    """Scores on a shapes world (`world`: a data.shapes.World, default the full world) at
+    `pipeline.image_size`; a part with count 0 is skipped. Text to image covers the
+    categories that apply to the world (shapes_prompts.categories).
 
     text_opts samples the captions, vqa_opts (default text_opts) the answers.
 
-    Returns {"suite", "image_size", "t2i": {category: pass rate, "overall"},
+    Returns {"suite", "image_size", "world", "t2i": {category: pass rate, "overall"},
     "captions": {"exact_match", "attribute_accuracy", ...}, "vqa": {"accuracy"}}."""
-    from dual_diffusion.data import shapes_eval
+    from dual_diffusion.data import shapes, shapes_eval
 
-    size = pipeline.image_size
-    scores: dict[str, Any] = {"suite": "shapes", "image_size": size, "seed": seed}
+    size, world = pipeline.image_size, world or shapes.FULL_WORLD
+    scores: dict[str, Any] = {"suite": "shapes", "image_size": size, "seed": seed, "world": world.to_config()}
     if per_category > 0:
-        specs = shapes_eval.t2i_prompt_set(seed, per_category)
+        specs = shapes_eval.t2i_prompt_set(seed, per_category, world)
         check_fits(pipeline, prompts=[s.prompt for s in specs])
         images = map_batches(lambda p, seed: pipeline.text_to_image(states, p, seed=seed, opts=image_opts),
                              [[s.prompt for s in specs]], batch_size, seed=seed, desc="shapes t2i",
                              progress=progress)
         scores["t2i"] = shapes_eval.evaluate_t2i(np.stack(images), specs)
     if num_captions > 0:
-        caps = shapes_eval.caption_eval_set(seed, num_captions, size)
+        caps = shapes_eval.caption_eval_set(seed, num_captions, size, world)
         preds = map_batches(lambda im, seed: pipeline.caption(states, im, seed=seed, length=caption_length,
                                                               opts=text_opts),
                             [caps.images], batch_size, seed=seed, desc="shapes captions", progress=progress)
         scores["captions"] = shapes_eval.evaluate_captions(preds, caps.scenes)
         scores["caption_examples"] = [{"truth": t, "generated": p} for t, p in zip(caps.captions[:3], preds)]
     if num_vqa > 0:
-        vqa = shapes_eval.vqa_eval_set(seed, num_vqa, size)
+        vqa = shapes_eval.vqa_eval_set(seed, num_vqa, size, world)
         check_fits(pipeline, questions=vqa.questions)
         answer_opts = text_opts if vqa_opts is None else vqa_opts
         preds = map_batches(lambda im, q, seed: pipeline.answer(states, im, q, seed=seed, opts=answer_opts),
@@ -127,13 +129,15 @@ def training_sample_options(config) -> tuple[ImageOptions, TextOptions]:
 
 def training_suite_settings(config) -> dict:
     """Keyword arguments of `shapes_suite` for the trainer's end-of-training evaluation
-    (`config.eval.shapes_suite_size` items per set, one batch each, its own seed)."""
+    (`config.eval.shapes_suite_size` items per set, one batch each, its own seed, the run's world)."""
     n = int(config["eval"]["shapes_suite_size"])
     image_opts, text_opts = training_sample_options(config)
-    from dual_diffusion.data.shapes_eval import CATEGORIES
+    from dual_diffusion.data.shapes import world_of_run
+    from dual_diffusion.data.shapes_prompts import categories
 
-    return dict(seed=4321, per_category=max(1, n // len(CATEGORIES)), num_captions=n, num_vqa=n, batch_size=n,
-                image_opts=image_opts, text_opts=text_opts)
+    world = world_of_run(config)
+    return dict(seed=4321, per_category=max(1, n // len(categories(world))), num_captions=n, num_vqa=n,
+                batch_size=n, image_opts=image_opts, text_opts=text_opts, world=world)
 
 
 # -------------------------------------------------------------- from disk
