@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.samples.image_steps = 28
     c.samples.cfg_scale = 7.0
     c.samples.text_steps = 64
-    c.samples.text_method = "ancestral"  # sample_text method: "ancestral" (release) | "confidence" | "semi_ar"
+    c.samples.text_method = "ancestral"  # sample_text method: "ancestral" (release) | "confidence" | "semi_ar" | "threshold"
     c.samples.min_new_tokens = 0  # EOS banned on the first N generated positions (against empty captions/answers)
     c.samples.num_caption_images = 4
 

@@ -17,10 +17,18 @@ machine in the same sitting, launch/bench_gpu.sh):
            MM-DiT forward + backward of both halves, AdamW (+ EMA if configured).
   t2i      T5 on prompt and empty prompt, `--t2i_steps` Euler steps with CFG as one
            MM-DiT call on 2B rows per step (no VAE decode, as in the anchor).
-  caption  `--caption_length` tokens from all-masked by `--sampler` in
-           `--caption_steps` steps (the release: ancestral with caching, 128 / 64).
+  caption  `--caption_length` tokens from all-masked by each of `--sampler` in
+           `--caption_steps` steps (the release: ancestral with caching, 128 / 64);
+           `threshold+cache` is the threshold sampler with the image K/V cache. Rows
+           after the first sampler's give `speedup`: its seconds over theirs, same run.
   vqa      the same network, `--vqa_prompt_tokens` fixed prompt ids, the rest of
            the text length generated in `--vqa_steps` steps.
+  text_step  one decoding prediction at the caption length, in full (T5 + MM-DiT
+           over image and text, returning the image K/V) and text-only over that
+           cache: seconds and FLOPs of each and their ratios.
+Random weights predict near-uniform text, so the threshold sampler reveals one token
+per call, its worst case; `--confident_share` stands in for a trained model's
+confidence (see its help).
   data     the input pipeline on synthetic JPEGs (data/bench.py), no device work.
 Weights: abstract init + one jitted init (no checkpoint); the frozen T5 in
 `--frozen_dtype`; the samplers cast the weights to the compute dtype once per
@@ -49,7 +57,7 @@ import jax.numpy as jnp
 from dual_diffusion import flops, sharding
 from dual_diffusion.diffusion.image_sampling import sample_images
 from dual_diffusion.diffusion.masked import Schedule
-from dual_diffusion.diffusion.text_sampling import METHODS, sample_text
+from dual_diffusion.diffusion.text_sampling import METHODS, CachedLogits, sample_text
 from dual_diffusion.models.attention import resolve_impl
 from dual_diffusion.models.configs import MMDiTConfig, T5Config
 from dual_diffusion.training.loss import LossConfig
@@ -59,7 +67,7 @@ from dual_diffusion.training.step import make_train_step
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); --config.KEY=VALUE overrides.",
                                 lock_config=True)
-flags.DEFINE_string("what", "train,t2i,caption", "Comma list of train, t2i, caption, vqa, data.")
+flags.DEFINE_string("what", "train,t2i,caption", "Comma list of train, t2i, caption, vqa, text_step, data.")
 flags.DEFINE_string("batch", "", "Comma list of batch sizes for every --what; empty: the anchor's sizes "
                     "(train 4, t2i 1,4, caption 1,8, vqa 1,8, data 32).")
 flags.DEFINE_integer("iters", 5, "Timed calls per measurement.")
@@ -68,7 +76,14 @@ flags.DEFINE_integer("image_size", 0, "Image size in pixels; 0: config.data.imag
 flags.DEFINE_integer("text_length", 0, "Text tokens for train / t2i / vqa; 0: config.data.text_length.")
 flags.DEFINE_integer("t2i_steps", 28, "Euler steps of text to image.")
 flags.DEFINE_float("cfg_scale", 7.0, "Classifier-free guidance scale of text to image.")
-flags.DEFINE_string("sampler", "ancestral", "Text sampler for caption / vqa: ancestral | confidence | semi_ar.")
+flags.DEFINE_string("sampler", "ancestral", "Comma list of text samplers for caption / vqa, each a method (ancestral | "
+                    "confidence | semi_ar | threshold), +cache for the image K/V cache: ancestral,threshold+cache.")
+flags.DEFINE_float("threshold", 0.9, "Probability the threshold sampler reveals at.")
+flags.DEFINE_integer("num_blocks", 4, "Blocks of semi_ar and threshold.")
+flags.DEFINE_integer("image_cache", 0, "R of the +cache samplers: a full pass every R calls (0: at block starts only).")
+flags.DEFINE_float("confident_share", 0.0, "0: the random network as it is. > 0: each prediction makes this share of "
+                   "positions (drawn from the ids) sure of one fixed random token (+30 logits), a stand-in for a "
+                   "trained model's confidence; 1: every position sure (the threshold sampler's best case).")
 flags.DEFINE_integer("caption_length", 128, "Caption tokens.")
 flags.DEFINE_integer("caption_steps", 64, "Caption sampling steps.")
 flags.DEFINE_integer("vqa_prompt_tokens", 32, "Fixed prompt tokens of a VQA row (the rest is generated).")
@@ -81,8 +96,8 @@ flags.DEFINE_integer("pause_pgid", 0, "A process group to SIGSTOP while timing a
 flags.DEFINE_string("profile_dir", "", "Trace 2 more calls of every measurement into DIR/<measurement> "
                     "(jax.profiler, perfetto JSON; tools/trace_summary.py DIR lists the top ops).")
 
-WHATS = ("train", "t2i", "caption", "vqa", "data")
-DEFAULT_BATCHES = {"train": (4,), "t2i": (1, 4), "caption": (1, 8), "vqa": (1, 8), "data": (32,)}
+WHATS = ("train", "t2i", "caption", "vqa", "text_step", "data")
+DEFAULT_BATCHES = {"train": (4,), "t2i": (1, 4), "caption": (1, 8), "vqa": (1, 8), "text_step": (1,), "data": (32,)}
 H100_BF16_DENSE = 989.4e12  # FLOP/s, the anchor's MFU denominator
 
 
@@ -354,18 +369,67 @@ def bench_t2i(bench: Bench, batch: int, timing: Timing, weights, steps: int, cfg
     return out
 
 
-def _text_fn(params, frozen, latents, ids, fixed, rng, *, bench: Bench, method: str, steps: int):
+@dataclasses.dataclass(frozen=True)
+class TextDecoder:
+    """One entry of --sampler: a sample_text method, with the image K/V cache (refresh R) or without (None)."""
+
+    method: str
+    image_cache: int | None = None
+    threshold: float = 0.9
+    num_blocks: int = 4
+
+    @property
+    def name(self) -> str:
+        return self.method + ("+cache" if self.image_cache is not None else "")
+
+
+def parse_samplers(text: str, image_cache: int = 0, threshold: float = 0.9, num_blocks: int = 4) -> list[TextDecoder]:
+    out = []
+    for spec in (s.strip() for s in text.split(",") if s.strip()):
+        method, plus, rest = spec.partition("+")
+        if method not in METHODS or (plus and rest != "cache"):
+            raise ValueError(f"--sampler={text!r}: {spec!r} is not a method of {list(METHODS)} with an optional "
+                             "'+cache'")
+        out.append(TextDecoder(method, image_cache if plus else None, threshold, num_blocks))
+    if not out:
+        raise ValueError(f"--sampler={text!r}: expected a comma list of samplers")
+    return out
+
+
+def confident_logits(logits_BxLxV, ids_BxL, share: float, mask_id: int):
+    """The stand-in for a trained model's confidence (--confident_share): a share of positions, drawn
+    from the ids (so the same ids give the same logits), get +30 on one fixed random token each."""
+    if share <= 0:
+        return logits_BxLxV
+    B, L, V = logits_BxLxV.shape
+    target = jax.random.randint(jax.random.key(7), (B, L), 3, mask_id)
+    digest = jnp.sum(ids_BxL.astype(jnp.uint32) * jnp.arange(1, L + 1, dtype=jnp.uint32))
+    sure = jax.random.uniform(jax.random.fold_in(jax.random.key(8), digest), (B, L)) < share
+    return logits_BxLxV + 30.0 * (sure[..., None] & (jnp.arange(V) == target[..., None]))
+
+
+def _text_fn(params, frozen, latents, ids, fixed, rng, *, bench: Bench, decoder: TextDecoder, steps: int,
+             confident_share: float):
     mmdit, t5 = bench.networks(cast_floats(params, bench.config.runtime.dtype), frozen)  # once, as in t2i
     zeros = jnp.zeros((latents.shape[0],), jnp.float32)  # clean image: timestep 0
-    logits_fn = lambda x: mmdit(latents, t5(x), zeros)[1]
+    sure = lambda logits, x: confident_logits(logits, x, confident_share, bench.mask_id)  # noqa: E731
+    if decoder.image_cache is None:
+        logits_fn = lambda x: sure(mmdit(latents, t5(x), zeros)[1], x)
+    else:
+        def full(x):
+            logits, image_kv = mmdit.logits_and_image_kv(latents, t5(x), zeros)
+            return sure(logits, x), image_kv
+
+        logits_fn = CachedLogits(full, lambda x, kv: sure(mmdit.text_logits(t5(x), zeros, kv), x),
+                                 decoder.image_cache)
     loss = bench.config.loss
-    return sample_text(logits_fn, ids, fixed, rng, method=method, steps=steps, mask_id=bench.mask_id,
+    return sample_text(logits_fn, ids, fixed, rng, method=decoder.method, steps=steps, mask_id=bench.mask_id,
                        schedule=Schedule(loss.text_schedule, loss.text_eps), eos_id=bench.eos_id,
-                       return_stats=True)
+                       threshold=decoder.threshold, num_blocks=decoder.num_blocks, return_stats=True)
 
 
 def bench_text(bench: Bench, what: str, batch: int, timing: Timing, weights, *, length: int,
-               prompt_tokens: int, steps: int, method: str) -> dict:
+               prompt_tokens: int, steps: int, decoder: TextDecoder, confident_share: float = 0.0) -> dict:
     """Caption (prompt_tokens = 0) or VQA: `length` tokens, the first `prompt_tokens` fixed."""
     if not 0 <= prompt_tokens < length:
         raise ValueError(f"{what}: prompt tokens {prompt_tokens} must be in [0, text length {length})")
@@ -376,24 +440,76 @@ def bench_text(bench: Bench, what: str, batch: int, timing: Timing, weights, *, 
     ids = jnp.where(fixed, bench.random_ids(k[1], (B, length)), bench.mask_id)
     ids, fixed = jax.device_put((ids, fixed), bench.batch_sharding(2))
     rng = jax.random.key(4)
-    fn = jax.jit(functools.partial(_text_fn, bench=bench, method=method, steps=steps))
+    fn = jax.jit(functools.partial(_text_fn, bench=bench, decoder=decoder, steps=steps,
+                                   confident_share=confident_share))
     compiled, compile_sec = compile_ahead(fn, *weights, latents, ids, fixed, rng)
-    sec, (_, stats) = timing.measure(f"{what}_{method}_b{B}", lambda: compiled(*weights, latents, ids, fixed, rng))
-    nfe = int(jax.device_get(stats["nfe"]))  # same every call: same inputs and key
-    n = flops.image_to_text(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, length, nfe)
+    sec, (_, stats) = timing.measure(f"{what}_{decoder.name}_b{B}",
+                                     lambda: compiled(*weights, latents, ids, fixed, rng))
+    stats = jax.device_get(stats)  # the same every call: same inputs and key
+    nfe, full = int(stats["nfe"]), int(stats["full_passes"])
+    n = flops.image_to_text(bench.mmdit_cfg, bench.t5_cfg, B, bench.latent_side, length, nfe, nfe - full)
     generated = length - prompt_tokens
     out = row(bench, what, B, sec, n, compiled, compile_sec, tokens_per_sec=B * generated / sec)
-    out.update(sampler=method, steps=steps, text_length=length, generated_tokens=generated, predictions=nfe)
+    out.update(sampler=decoder.name, method=decoder.method, image_cache=decoder.image_cache, steps=steps,
+               text_length=length, generated_tokens=generated, predictions=nfe, full_passes=full,
+               nfe_per_row=float(stats["nfe_per_row"].mean()), confident_share=confident_share,
+               **({"threshold": decoder.threshold} if decoder.method == "threshold" else {}),
+               **({"num_blocks": decoder.num_blocks} if decoder.method in ("semi_ar", "threshold") else {}))
     return out
 
 
-def bench_data(bench: Bench, batch: int, workers: int) -> dict:
-    from dual_diffusion.data.bench import benchmark_data
-    stats = benchmark_data(image_size=int(bench.config.data.image_size), text_length=bench.text_length,
-                           batch_size=batch, worker_count=workers)
-    # A sample is one example of either stream: a batch holds `batch` pairs of each.
-    return dict(what="data", batch=batch, sec=1.0 / stats["batches_per_s"], samples_per_sec=stats["samples_per_s"],
-                **{k: v for k, v in stats.items() if k not in ("samples_per_s", "batch_size")})
+def _prediction_fns(bench: Bench) -> dict:
+    """Jittable predictions (params, frozen, ...) of the text samplers at timestep 0: "full" (T5 + MM-DiT ->
+    logits and image K/V) and "cached" (T5 + text-only MM-DiT over the image K/V); the MM-DiT parts alone on
+    given T5 states ("mmdit_full", "mmdit_cached"), and "t5"."""
+    def nets(params, frozen):
+        return bench.networks(cast_floats(params, bench.config.runtime.dtype), frozen)
+
+    def t0(x):
+        return jnp.zeros((x.shape[0],), jnp.float32)
+
+    def mmdit_full(params, frozen, latents, hidden):
+        return nets(params, frozen)[0].logits_and_image_kv(latents, hidden, t0(hidden))
+
+    def mmdit_cached(params, frozen, hidden, image_kv):
+        return nets(params, frozen)[0].text_logits(hidden, t0(hidden), image_kv)
+
+    def t5(params, frozen, ids):
+        return nets(params, frozen)[1](ids)
+
+    return dict(t5=t5, mmdit_full=mmdit_full, mmdit_cached=mmdit_cached,
+                full=lambda p, f, latents, ids: mmdit_full(p, f, latents, t5(p, f, ids)),
+                cached=lambda p, f, ids, image_kv: mmdit_cached(p, f, t5(p, f, ids), image_kv))
+
+
+def bench_text_step(bench: Bench, batch: int, timing: Timing, weights, length: int) -> dict:
+    """One text prediction of `length` tokens, full (and making the image K/V) vs text-only over the cache;
+    the same for the MM-DiT alone (the part the cache changes; T5 runs on every prediction either way)."""
+    B = batch
+    k = jax.random.split(jax.random.key(5), 2)
+    latents = jax.device_put(bench.random_latents(k[0], B), bench.batch_sharding(4))
+    ids = jax.device_put(bench.random_ids(k[1], (B, length)), bench.batch_sharding(2))
+    fns = {name: jax.jit(fn) for name, fn in _prediction_fns(bench).items()}
+    hidden = fns["t5"](*weights, ids)
+    secs, compiled = {}, {}
+    for name, args in (("full", (latents, ids)), ("mmdit_full", (latents, hidden))):
+        compiled[name], _ = compile_ahead(fns[name], *weights, *args)
+        secs[name], (_, image_kv) = timing.measure(f"text_step_{name}_b{B}", lambda: compiled[name](*weights, *args))
+        cached = name.replace("full", "cached")
+        cargs = (ids if name == "full" else hidden, image_kv)
+        compiled[cached], compile_sec = compile_ahead(fns[cached], *weights, *cargs)
+        secs[cached], _ = timing.measure(f"text_step_{cached}_b{B}", lambda: compiled[cached](*weights, *cargs))
+    m, t5, n = bench.mmdit_cfg, bench.t5_cfg, flops.num_image_tokens(bench.mmdit_cfg, bench.latent_side)
+    full_flops = flops.text_prediction(m, t5, B, bench.latent_side, length)
+    cached_flops = flops.text_prediction(m, t5, B, bench.latent_side, length, image_cached=True)
+    mmdit_full, mmdit_cached = flops.mmdit_forward(m, B, n, length), flops.mmdit_text_only_forward(m, B, n, length)
+    out = row(bench, "text_step", B, secs["cached"], cached_flops, compiled["cached"], compile_sec)
+    out.update(text_length=length, image_tokens=n, full_sec=secs["full"], full_flops=int(full_flops),
+               time_ratio=secs["full"] / secs["cached"], flops_ratio=full_flops / cached_flops,
+               mmdit_full_sec=secs["mmdit_full"], mmdit_cached_sec=secs["mmdit_cached"],
+               mmdit_time_ratio=secs["mmdit_full"] / secs["mmdit_cached"], mmdit_flops_ratio=mmdit_full / mmdit_cached,
+               t5_flops=int(flops.t5_forward(t5, B, length)))
+    return out
 
 
 # --------------------------------------------------------------------------- entry point
@@ -428,6 +544,10 @@ class Options:
     t2i_steps: int = 28
     cfg_scale: float = 7.0
     sampler: str = "ancestral"
+    threshold: float = 0.9
+    num_blocks: int = 4
+    image_cache: int = 0
+    confident_share: float = 0.0
     caption_length: int = 128
     caption_steps: int = 64
     vqa_prompt_tokens: int = 32
@@ -442,28 +562,38 @@ def run(config, whats, batch_text: str = "", opts: Options = Options(), emit=Non
     """Runs the measurements in order; returns (and passes each to `emit`) one dict per measurement."""
     bench = Bench(config, opts.image_size, opts.text_length, opts.frozen_dtype)
     timing = Timing(opts.iters, opts.warmup, opts.pause_pgid, opts.profile_dir)
+    decoders = parse_samplers(opts.sampler, opts.image_cache, opts.threshold, opts.num_blocks)
     weights, rows = None, []
+
+    def measure(what, b):
+        if what == "data":
+            return [bench_data(bench, b, opts.data_workers)]
+        if what == "train":
+            return [bench_train(bench, b, timing)]
+        if what == "t2i":
+            return [bench_t2i(bench, b, timing, weights, opts.t2i_steps, opts.cfg_scale)]
+        if what == "text_step":
+            return [bench_text_step(bench, b, timing, weights, opts.caption_length)]
+        caption = what == "caption"
+        task = dict(length=opts.caption_length if caption else bench.text_length,
+                    prompt_tokens=0 if caption else opts.vqa_prompt_tokens,
+                    steps=opts.caption_steps if caption else opts.vqa_steps)
+        out = [bench_text(bench, what, b, timing, weights, decoder=d, confident_share=opts.confident_share, **task)
+               for d in decoders]
+        for r in out[1:]:  # against the first sampler, measured in this run
+            r.update(baseline=out[0]["sampler"], speedup=out[0]["sec"] / r["sec"])
+        return out
+
     for what in whats:
         for b in parse_batches(batch_text, what):
             if what != "data":
                 bench.check_batch(b)
-            if what in ("t2i", "caption", "vqa"):
+            if what in ("t2i", "caption", "vqa", "text_step"):
                 weights = weights or bench.inference_weights()
-            if what == "data":
-                out = bench_data(bench, b, opts.data_workers)
-            elif what == "train":
-                out = bench_train(bench, b, timing)
-            elif what == "t2i":
-                out = bench_t2i(bench, b, timing, weights, opts.t2i_steps, opts.cfg_scale)
-            elif what == "caption":
-                out = bench_text(bench, "caption", b, timing, weights, length=opts.caption_length, prompt_tokens=0,
-                                 steps=opts.caption_steps, method=opts.sampler)
-            else:
-                out = bench_text(bench, "vqa", b, timing, weights, length=bench.text_length,
-                                 prompt_tokens=opts.vqa_prompt_tokens, steps=opts.vqa_steps, method=opts.sampler)
-            rows.append(out)
-            if emit is not None:
-                emit(out)
+            for out in measure(what, b):
+                rows.append(out)
+                if emit is not None:
+                    emit(out)
     return rows
 
 
@@ -472,8 +602,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.config is None:
         raise app.UsageError("--config is required")
-    if FLAGS.sampler not in METHODS:
-        raise app.UsageError(f"--sampler={FLAGS.sampler!r}; expected one of {list(METHODS)}")
+    try:
+        parse_samplers(FLAGS.sampler)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     whats = parse_whats(FLAGS.what)
     for what in whats:
         parse_batches(FLAGS.batch, what)  # fail on a bad --batch before anything compiles

@@ -2,7 +2,8 @@ r"""Evaluation from the command line; prints one JSON object of scores.
 
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=shapes [--per_category=50 --num_captions=200
       --num_vqa=200 --t2i_steps=28 --cfg=7 --grid=diffusers|linspace --text_steps=N
-      --sampler=ancestral|confidence|semi_ar --decoding=first_eos|release]
+      --sampler=ancestral|confidence|semi_ar|threshold --threshold=0.9 --image_cache=R
+      --decoding=first_eos|release]
   python -m dual_diffusion.evaluate --checkpoint=WORKDIR --suite=shapes --preset=demo   # the demo's final scores
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=coco_captions --annotations=captions_val2014.json
       --images=val2014/ [--max_images=5000] [--release-decoding]  # CIDEr; needs pycocoevalcap
@@ -21,12 +22,21 @@ steps, text cut at the first EOS. `--preset=demo` takes every setting of the
 trainer's end-of-training evaluation from WORKDIR/config.json (configs/demo.py for
 a checkpoint that is not a workdir); `--release-decoding` runs the release's
 text protocol (ancestral, 64 / 32 steps, 128 tokens, a VAE posterior draw as the
-image, its decoding). Explicit flags override both.
+image, its decoding). Explicit flags override both. The scores give the mean network
+calls per caption / answer (`nfe`) beside the settings.
 Scores also go to OUT/scores.json and OUT/scores.md, OUT = --out_dir, default
 the checkpoint's eval/ folder when writable, else the current folder (geneval
 writes only its image folders, which GenEval's scorer walks). The oracle
 scores ground-truth renders: every number should be 1.0 (>= 0.99) from 32 px.
 Bad arguments print `error: ...` and exit 2, without a traceback.
+
+At scale: the model runs on a mesh of every device of every process (--mesh_data /
+--mesh_fsdp / --mesh_tensor, defaults as in `sample`); on several hosts every process
+runs the same command and only process 0 writes and prints. Items stream in global
+batches of --batch_size with a progress bar (items/s, ETA); scores.json records each
+part's items/s. OUT/partial_<suite>.jsonl holds every finished batch's results: a killed
+run, restarted with the same settings (batch size and mesh may change), skips what it
+holds; when the run completes it becomes OUT/items_<suite>.jsonl (one result per item).
 """
 from __future__ import annotations
 
@@ -38,7 +48,8 @@ from pathlib import Path
 
 from dual_diffusion.cli import UsageError, run_command
 from dual_diffusion.diffusion.image_sampling import GRIDS
-from dual_diffusion.inference.pipelines import DECODINGS, IMAGE_LATENTS
+from dual_diffusion.diffusion.text_sampling import METHODS
+from dual_diffusion.inference.pipelines import DECODINGS, IMAGE_LATENTS, PROMPT_PADDINGS
 
 SUITES = ("shapes", "coco_captions", "vqav2", "geneval")
 PRESETS = ("demo",)
@@ -46,7 +57,8 @@ DEFAULTS = dict(batch_size=16, seed=1234, dtype="float32", per_category=50, num_
 # flag -> field of ImageOptions / of both TextOptions
 IMAGE_FLAGS = {"t2i_steps": "steps", "cfg": "cfg_scale", "shift": "shift", "grid": "grid"}
 TEXT_FLAGS = {"text_steps": "steps", "sampler": "method", "temperature": "temperature",
-              "min_new_tokens": "min_new_tokens", "decoding": "decoding", "image_latents": "image_latents"}
+              "min_new_tokens": "min_new_tokens", "decoding": "decoding", "image_latents": "image_latents",
+              "threshold": "threshold", "factor": "factor", "num_blocks": "num_blocks", "image_cache": "image_cache"}
 # What --release-decoding fixes for both text tasks (the steps are per task: pipelines.TEXT_STEPS).
 RELEASE_TEXT = {"sampler": "ancestral", "temperature": 1.0, "min_new_tokens": 0, "decoding": "release",
                 "image_latents": "sample"}
@@ -70,12 +82,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("batch_size", type=int, help=f"default {DEFAULTS['batch_size']}")
     add("seed", type=int, help=f"seed of the evaluation sets and samplers (default {DEFAULTS['seed']})")
     add("dtype", choices=("float32", "bfloat16"), help="compute dtype (default float32)")
+    add("param_dtype", choices=("float32", "bfloat16"), default="float32",
+        help="dtype the weights are held in (bfloat16: half the memory per device)")
     add("t2i_steps", type=int, help="default 28")
     add("cfg", type=float, help="image classifier-free guidance scale (default 7)")
     add("shift", type=float, help="SD3 time shift of the image sampler (default 3)")
     add("grid", choices=GRIDS, help="image noise levels (default diffusers: the release's scheduler)")
     add("text_steps", type=int, help="caption and VQA steps (default 64 and 32)")
-    add("sampler", choices=("ancestral", "confidence", "semi_ar"), help="default ancestral")
+    add("sampler", choices=METHODS, help="default ancestral")
+    # Fast text decoding (README, Sampling): the threshold sampler and the image K/V cache.
+    add("threshold", type=float, help="threshold sampler: reveal tokens with probability >= this (default 0.9)")
+    add("factor", type=float, help="threshold sampler: the factor rule with this f instead of the threshold")
+    add("num_blocks", type=int, help="blocks of semi_ar and threshold (default 4)")
+    add("image_cache", type=int, nargs="?", const=0, metavar="R", help="reuse the image's keys/values, "
+        "refreshed every R network calls (0, the value when R is left out: never) and at block starts (default off)")
+    add("prompt_padding", choices=PROMPT_PADDINGS, help="pad id of prompt rows (default: declared for a "
+        "converted checkpoint, eos for a training workdir)")
     add("temperature", type=float, help="default 1")
     add("min_new_tokens", type=int, help="EOS banned on the first N generated tokens (default 0)")
     add("decoding", choices=DECODINGS, help="default first_eos")
@@ -91,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("max_questions", type=int, help="vqav2: first N questions by id")
     add("prompts", help="geneval: evaluation_metadata.jsonl")
     add("samples_per_prompt", type=int, default=4, help="geneval: images per prompt")
+    for axis in ("data", "fsdp", "tensor"):  # where it runs: inference/sharded.py
+        add(f"mesh_{axis}", type=int, help="mesh size (default: every device on data, weights replicated when "
+                                           "they fit, else sharded over the fewest fsdp devices that hold them)")
     return p.parse_args(argv)
 
 
@@ -103,7 +128,7 @@ def _check(args) -> None:
     if args.checkpoint and not _ckpt_path(args.checkpoint).is_dir():  # pathlib: gs://b/x would be gs:/b/x
         raise UsageError(f"--checkpoint={args.checkpoint}: no such folder")
     for name in ("batch_size", "t2i_steps", "text_steps", "samples_per_prompt", "image_size", "text_length",
-                 "caption_length", "max_images", "max_questions"):
+                 "caption_length", "max_images", "max_questions", "num_blocks"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name}={value}: expected >= 1")
@@ -249,26 +274,53 @@ def default_out_dir(checkpoint: str | None) -> Path:
     return Path.cwd()
 
 
-def _model_scores(args) -> dict:
+# Settings that change how the items are computed, not what they are: a partial run may resume under others.
+EXECUTION_SETTINGS = ("batch_size", "mesh_data", "mesh_fsdp", "mesh_tensor", "out_dir")
+
+
+def _model_scores(args) -> dict | None:
+    from dual_diffusion import distributed
+    from dual_diffusion.checkpoints.paths import is_local
     from dual_diffusion.evaluation import suites
-    from dual_diffusion.models.configs import Runtime
+    from dual_diffusion.evaluation.stream import PartialResults, ResumeError
+    from dual_diffusion.inference import sharded
     from dual_diffusion.inference.pipelines import Pipeline
-    from dual_diffusion.checkpoints.pretrained import load_pretrained
+    from dual_diffusion.models.configs import Runtime
 
     if args.suite == "coco_captions":
         suites.metrics.require_pycocoevalcap()  # before the model loads and captions are generated
     prompts = suites.read_geneval_prompts(args.prompts) if args.suite == "geneval" else None
     st = resolve_settings(args)
+    distributed.initialize_from_env()
     try:
-        bundle = load_pretrained(args.checkpoint, Runtime(dtype=st["dtype"]))
+        bundle, mesh, choice = sharded.load_on_mesh(args.checkpoint, Runtime(dtype=st["dtype"],
+                                                                     param_dtype=args.param_dtype),
+                                                    data=args.mesh_data, fsdp=args.mesh_fsdp, tensor=args.mesh_tensor)
+    except sharded.MeshError as e:
+        raise UsageError(str(e)) from None
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
-    pipe = Pipeline.from_bundle(bundle, image_size=st["image_size"], text_length=st["text_length"])
+    pipe = Pipeline.from_bundle(bundle, image_size=st["image_size"], text_length=st["text_length"], mesh=mesh,
+                                prompt_padding=args.prompt_padding)
     image_opts, caption_opts, vqa_opts = st["image_opts"], st["caption_opts"], st["vqa_opts"]
     if st["caption_length"] and st["caption_length"] > pipe.caption_text_length:
         raise UsageError(f"--caption_length={st['caption_length']} exceeds the caption rows' "
                          f"{pipe.caption_text_length} tokens")
-    common = dict(batch_size=st["batch_size"], seed=st["seed"])
+    settings = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    settings.update(_describe(st), image_size=pipe.image_size, text_length=pipe.text_length,
+                    caption_text_length=pipe.caption_text_length, vqa_text_length=pipe.vqa_text_length)
+    out = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint)
+    journal = None
+    if is_local(out):
+        try:
+            journal = PartialResults.open(out / f"partial_{args.suite}.jsonl", dict(
+                {k: v for k, v in settings.items() if k not in EXECUTION_SETTINGS}, step=bundle.info.get("step")))
+        except ResumeError as e:
+            raise UsageError(str(e)) from None
+    elif sharded.is_main():
+        print(f"warning: results go to {out}, an object store: no partial results file, so an interrupted run "
+              "starts over (give a local --out_dir to resume)", file=sys.stderr)
+    common = dict(batch_size=st["batch_size"], seed=st["seed"], journal=journal)
     if args.suite == "shapes":
         scores = suites.shapes_suite(pipe, bundle.states, per_category=st["per_category"],
                                      num_captions=st["num_captions"], num_vqa=st["num_vqa"], image_opts=image_opts,
@@ -285,11 +337,14 @@ def _model_scores(args) -> dict:
     else:
         scores = suites.geneval_suite(pipe, bundle.states, prompts=prompts, out_dir=args.out_dir,
                                       samples_per_prompt=args.samples_per_prompt, image_opts=image_opts, **common)
-    settings = {k: v for k, v in vars(args).items() if v is not None and v is not False}
-    settings.update(_describe(st), image_size=pipe.image_size, text_length=pipe.text_length,
-                    caption_text_length=pipe.caption_text_length, vqa_text_length=pipe.vqa_text_length)
-    return dict(scores, checkpoint=args.checkpoint, step=bundle.info.get("step"),
-                text_length=pipe.text_length, settings=settings)
+    if journal is not None:
+        journal.close(out / f"items_{args.suite}.jsonl")
+    if not sharded.is_main():
+        return None
+    nfe = {task: pipe.mean_text_calls(task) for task in pipe.text_calls if pipe.text_calls[task]}
+    return dict(scores, checkpoint=args.checkpoint, step=bundle.info.get("step"), text_length=pipe.text_length,
+                mesh=sharded.describe_mesh(mesh, choice), settings=settings, out_dir=str(out),
+                **({"nfe": nfe} if nfe else {}))
 
 
 def _describe(st: dict) -> dict:
@@ -313,8 +368,10 @@ def run(args) -> dict:
             scores = _model_scores(args)
         except (suites.EvalDataError, suites.metrics.MissingPackageError) as e:
             raise UsageError(str(e)) from None
+        if scores is None:  # not the reporting process of a multi-host run
+            return None
+    out = Path(scores.pop("out_dir", None) or args.out_dir or default_out_dir(args.checkpoint))
     if args.suite != "geneval" and (args.out_dir or not args.oracle):
-        out = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint)
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         title = f"{scores['suite']}: {args.checkpoint or 'oracle'}"

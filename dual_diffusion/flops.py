@@ -94,6 +94,17 @@ def mmdit_forward(cfg: MMDiTConfig, batch: int, image_tokens: int, text_tokens: 
     return sum(mmdit_forward_parts(cfg, batch, image_tokens, text_tokens).values())
 
 
+def mmdit_text_only_forward(cfg: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int) -> int:
+    """`MMDiT.text_logits` with cached image keys and values: per block the text stream's modulation,
+    q/k/v, attention of the L text queries over N + L keys, output projection and MLP; the text head."""
+    b, l, d, H = batch, text_tokens, cfg.hidden_size, cfg.num_attention_heads
+    per_layer = (linear(b, d, 6 * d) + linear(b * l, d, 3 * d)
+                 + attention(b, H, l, image_tokens + l, cfg.attention_head_dim)
+                 + linear(b * l, d, d) + 2 * linear(b * l, d, 4 * d))
+    return (linear(b, TIME_FREQ_DIM, d) + linear(b, d, d) + linear(b * l, cfg.joint_attention_dim, d)
+            + cfg.num_layers * per_layer + linear(b * l, d, cfg.vocab_size))
+
+
 def mmdit_forward_backward(cfg: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int, loss_on: str) -> int:
     """Forward + backward of one call whose loss reads `loss_on` ("image" or "text")."""
     if loss_on not in BACKWARD_FACTORS:
@@ -137,13 +148,19 @@ def text_to_image(mmdit: MMDiTConfig, t5: T5Config, batch: int, latent_side: int
             + steps * mmdit_forward(mmdit, rows, num_image_tokens(mmdit, latent_side), text_tokens))
 
 
-def text_prediction(mmdit: MMDiTConfig, t5: T5Config, batch: int, latent_side: int, text_tokens: int) -> int:
-    """One prediction of the text samplers (T5 on the current ids + MM-DiT with the clean image)."""
-    return (t5_forward(t5, batch, text_tokens)
-            + mmdit_forward(mmdit, batch, num_image_tokens(mmdit, latent_side), text_tokens))
+def text_prediction(mmdit: MMDiTConfig, t5: T5Config, batch: int, latent_side: int, text_tokens: int,
+                    image_cached: bool = False) -> int:
+    """One prediction of the text samplers: T5 on the current ids + MM-DiT with the clean image, in full
+    or (image_cached) text tokens only over the cached image keys and values."""
+    n = num_image_tokens(mmdit, latent_side)
+    mmdit_part = (mmdit_text_only_forward if image_cached else mmdit_forward)(mmdit, batch, n, text_tokens)
+    return t5_forward(t5, batch, text_tokens) + mmdit_part
 
 
 def image_to_text(mmdit: MMDiTConfig, t5: T5Config, batch: int, latent_side: int, text_tokens: int,
-                  predictions: int) -> int:
-    """A caption / VQA answer with `predictions` network evaluations (cached steps cost nothing)."""
-    return predictions * text_prediction(mmdit, t5, batch, latent_side, text_tokens)
+                  predictions: int, cached_predictions: int = 0) -> int:
+    """A caption / VQA answer with `predictions` network evaluations (prediction caching's reused steps
+    cost nothing), `cached_predictions` of them text-only over the image K/V cache."""
+    full = text_prediction(mmdit, t5, batch, latent_side, text_tokens)
+    cached = text_prediction(mmdit, t5, batch, latent_side, text_tokens, image_cached=True)
+    return (predictions - cached_predictions) * full + cached_predictions * cached

@@ -16,10 +16,14 @@ Matching transformers 5.23 `T5Tokenizer` (a `tokenizers`-backed Unigram):
     `tokenizer(text, max_length=L, truncation=True, padding="max_length")`.
   * decode(skip_special_tokens=True) drops every special id (pad, eos, unk and
     the sentinels), as transformers does, then lets SentencePiece detokenize.
+
+`declared_pad_token(folder)` reads the pad token a diffusers tokenizer folder
+declares, as transformers resolves it (the release pads prompts with it).
 """
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,6 +32,7 @@ import numpy as np
 import sentencepiece as spm
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+DEFAULT_PAD_TOKEN = "<pad>"  # T5Tokenizer's default when a folder declares none
 
 
 class Tokenizer:
@@ -90,6 +95,15 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._name_of
 
+    def token_id(self, token: str) -> int:
+        """Id of one token string: a special token (`</s>`, `<extra_id_3>`, ...) or a SentencePiece piece."""
+        if token in self._special:
+            return self._special[token]
+        piece = self._sp.piece_to_id(token)
+        if piece == UNK_ID and token != self._sp.id_to_piece(UNK_ID):
+            raise ValueError(f"tokenizer {self.model_file}: no token {token!r} in the vocabulary")
+        return piece
+
     # ---- text -> ids ----------------------------------------------------------------------------
     def encode(self, text: str, add_eos: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in the text map to their ids (module docstring)."""
@@ -151,6 +165,38 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def declared_pad_token(folder) -> tuple[str, str]:
+    """(pad token, the file that declares it) of a tokenizer folder, as transformers' from_pretrained
+    resolves it: `tokenizer_config.json`'s "pad_token", overridden by `special_tokens_map.json`'s unless
+    the config has "added_tokens_decoder" (then the map is not read); "<pad>" (T5's default, from
+    "default") when neither declares one. `folder` is a path or an etils.epath.Path (gs://)."""
+
+    def read(name):
+        path = folder / name
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the tokenizer's settings ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        return data
+
+    def token(value):  # a string, or a serialised AddedToken {"content": ...}
+        return value.get("content") if isinstance(value, dict) else value
+
+    folder = folder if hasattr(folder, "read_text") else Path(folder)
+    config, found = read("tokenizer_config.json"), (DEFAULT_PAD_TOKEN, "default")
+    if isinstance(token(config.get("pad_token")), str):
+        found = (token(config["pad_token"]), "tokenizer_config.json")
+    if "added_tokens_decoder" not in config:
+        mapped = token(read("special_tokens_map.json").get("pad_token"))
+        if isinstance(mapped, str):
+            found = (mapped, "special_tokens_map.json")
+    return found
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_size: int,

@@ -28,9 +28,11 @@ def test_splash_block_divides_the_padded_length(length, preferred, expected):
     assert padded % block == 0 and block % attn.LANES == 0 and padded >= length and padded - length < attn.LANES
 
 
-@pytest.mark.parametrize("length", [128, 200])  # 200: padded to 256, the pad masked by segment ids
-def test_splash_matches_xla_forward(length):
-    q, k, v = _qkv(2, length, 2, 64)
+# 200: padded to 256, the pad masked by segment ids; (72, 200): text queries over cached image + text keys.
+@pytest.mark.parametrize("q_len, kv_len", [(128, 128), (200, 200), (72, 200)])
+def test_splash_matches_xla_forward(q_len, kv_len):
+    q, k, v = _qkv(2, kv_len, 2, 64)
+    q = q[:, :q_len]
     scale = 64 ** -0.5
     out = attn.splash_attention(q, k, v, scale=scale, block=128, interpret=True)
     np.testing.assert_allclose(out, attn._xla(q, k, v, None, scale), atol=1e-5)

@@ -315,3 +315,30 @@ def test_row_pickers_give_the_rows_of_the_full_outputs():
         v_sh, l_sh = jax.jit(lambda a, b, c: model(a, b, c))(latents, text, t)
     np.testing.assert_allclose(v_sh, velocity, atol=1e-5)
     np.testing.assert_allclose(l_sh, logits, atol=1e-5)
+
+
+def test_text_logits_over_a_fresh_image_cache_equal_the_full_forward():
+    """MMDiT.text_logits (text tokens only, over the image K/V of logits_and_image_kv) equals __call__'s
+    logits for the same text, with scan_layers (a lone SD3.5 dual-attention block, then a scanned run of
+    two) and qk-norm; with other text the cache is stale and the logits move (the approximation is real)."""
+    cfg = dataclasses.replace(_our_cfg("dual_attention"), num_layers=3, dual_attention_layers=(0,))
+    model = init_mmdit(cfg, Runtime(attention_impl="xla", scan_layers=True), seed=1)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), state)
+    latents, text, t = _inputs()
+    other = np.random.default_rng(7).standard_normal(text.shape).astype(np.float32)
+
+    @jax.jit
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        _, full = m(latents, text, t)
+        logits, image_kv = m.logits_and_image_kv(latents, text, t)
+        return full, logits, m.text_logits(text, t, image_kv), image_kv, m(latents, other, t)[1], \
+            m.text_logits(other, t, image_kv)
+
+    full, logits, cached, image_kv, other_full, other_cached = run(state)
+    n, scale = (16 // 2) * (12 // 2), float(np.max(np.abs(full)))
+    assert image_kv.k.shape == image_kv.v.shape == (3, 2, n, cfg.num_attention_heads, cfg.attention_head_dim)
+    np.testing.assert_allclose(logits, full, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale)
+    assert float(np.max(np.abs(np.asarray(other_cached) - np.asarray(other_full)))) > 1e-4 * scale

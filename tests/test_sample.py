@@ -39,11 +39,13 @@ def _run(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_text_to_image_grid(checkpoint, capsys):
+def test_text_to_image_grid(checkpoint, capsys, caplog):
     out = checkpoint / "grid.png"
+    long = "two squares " * 40  # longer than the 64-token rows: truncated with a warning, as the release does
     code, stdout, _ = _run(capsys, "--checkpoint", checkpoint / "dst", "--task", "t2i", "--prompt", "a red circle",
-                           "--prompt", "two squares", "--num-images", "2", "--steps", "2", "--out", out, *SIZE)
+                           "--prompt", long, "--num-images", "2", "--steps", "2", "--out", out, *SIZE)
     assert code == 0
+    assert "prompt 2 ('two squares" in caplog.text and "truncated to 64 tokens" in caplog.text  # jobs: p0 p0 p1 p1
     assert json.loads(stdout)["images"] == 4
     assert Image.open(out).size == (2 * 32, 2 * 32)  # one row per prompt, num_images columns
 
@@ -66,11 +68,15 @@ def test_caption_vqa_and_inpaint(checkpoint, capsys):
 
     code, stdout, _ = _run(capsys, "--checkpoint", checkpoint / "dst", "--task", "vqa", "--image",
                            checkpoint / "a.png", "--question", "what color is it?", "--steps", "4",
-                           "--sampler", "confidence", *SIZE)
+                           "--sampler", "threshold", "--threshold", "0.8", "--num-blocks", "2", "--image-cache", "0",
+                           *SIZE)
     assert code == 0
-    assert json.loads(stdout)["answers"][0]["question"] == "what color is it?"
-    settings = json.loads(stdout)["settings"]  # what was used: the flags win over the defaults
-    assert (settings["text_length"], settings["steps"], settings["sampler"]) == (64, 4, "confidence")
+    printed = json.loads(stdout)
+    assert printed["answers"][0]["question"] == "what color is it?"
+    settings = printed["settings"]  # what was used: the flags win over the defaults
+    assert (settings["text_length"], settings["steps"], settings["sampler"]) == (64, 4, "threshold")
+    assert (settings["threshold"], settings["num_blocks"], settings["image_cache"]) == (0.8, 2, 0)
+    assert 2 <= printed["nfe"] <= 4  # network calls per row: a block takes 1 or 2 of the 4 steps
 
     out = checkpoint / "inpaint.png"
     code, _, _ = _run(capsys, "--checkpoint", checkpoint / "dst", "--task", "inpaint", "--image", checkpoint / "a.png",
@@ -90,7 +96,7 @@ def test_caption_vqa_and_inpaint(checkpoint, capsys):
     (["--task", "caption", "--image", "/nonexistent.png"], "no such file"),
     (["--task", "caption", "--image", "{bad}"], "cannot read image"),
     (["--task", "t2i", "--prompt", "  "], "empty"),
-    (["--task", "t2i", "--prompt", "word " * 80], "tokens with EOS"),
+    (["--task", "caption", "--image", "{img}", "--sampler", "threshold", "--threshold", "1.5"], "threshold=1.5"),
     (["--task", "vqa", "--image", "{img}"], "needs one --question"),
     (["--task", "inpaint", "--image", "{img}", "--prompt", "x"], "one --mask per --image"),
 ])
@@ -172,8 +178,13 @@ def test_release_text_defaults_on_converted_checkpoint(checkpoint):
     from dual_diffusion.inference.pipelines import Pipeline
     from dual_diffusion.checkpoints.pretrained import load_pretrained
 
-    pipe = Pipeline.from_bundle(load_pretrained(checkpoint / "dst", components=("transformer", "text_encoder")))
+    bundle = load_pretrained(checkpoint / "dst", components=("transformer", "text_encoder"))
+    pipe = Pipeline.from_bundle(bundle)
     assert (pipe.text_length, pipe.caption_text_length, pipe.vqa_text_length) == (256, 128, 128)
+    # Prompts padded with the pad token the tokenizer folder declares (none here: T5's <pad>), as the
+    # converter recorded it; --prompt-padding=eos as training did.
+    assert bundle.info["tokenizer"]["pad_token"] == "<pad>" and pipe.pad_id == 0
+    assert Pipeline.from_bundle(bundle, prompt_padding="eos").pad_id == 1
     parse = lambda *a: sample.parse_args(["--checkpoint", "x", *a])  # noqa: E731
     caption, vqa = sample.text_options(parse("--task", "caption")), sample.text_options(parse("--task", "vqa"))
     assert (caption.steps, caption.method, caption.decoding) == (64, "ancestral", "first_eos")
@@ -204,3 +215,26 @@ def test_image_condition_mean_or_posterior_draw(checkpoint):
     np.testing.assert_allclose(drawn, want, atol=1e-6)
     assert float(np.abs(np.asarray(drawn) - np.asarray(mean_latents)).max()) > 1e-3
     np.testing.assert_array_equal(jax.random.key_data(next_rng), jax.random.key_data(jax.random.split(rng)[0]))
+
+
+def test_guidance_only_above_one_and_image_cache_refreshed_every_call(checkpoint):
+    """As the release's do_classifier_free_guidance, CFG runs only when the scale is > 1 (0.5 samples what
+    1 does); captions with the image cache refreshed every call are the uncached sampler's."""
+    from dual_diffusion.inference.pipelines import ImageOptions, Pipeline, TextOptions
+    from dual_diffusion.checkpoints.pretrained import load_pretrained
+
+    import jax
+
+    bundle = load_pretrained(checkpoint / "dst")
+    pipe = Pipeline.from_bundle(bundle, image_size=32, text_length=16)
+    ids = pipe.encode_prompts(["a red circle"])
+    shape = pipe.latent_shape(bundle.states)
+    program = lambda cfg: str(jax.make_jaxpr(lambda s: pipe._images_fn(  # noqa: E731
+        s, np.uint32(0), np.arange(1, dtype=np.int32), ids, ids, None, None,
+        opts=ImageOptions(steps=2, cfg_scale=cfg), latent_shape=shape))(bundle.states))
+    assert program(0.5) == program(1.0) != program(1.5)  # the same program: no unconditional branch
+    images = np.stack([sample.read_image(str(checkpoint / "a.png"), 32)] * 2)
+    caption = lambda cache: pipe.caption(bundle.states, images, seed=2, opts=TextOptions(  # noqa: E731
+        steps=8, method="threshold", num_blocks=2, threshold=0.5, image_cache=cache))
+    assert caption(1) == caption(None)
+    assert pipe.text_calls["caption"][:2] == pipe.text_calls["caption"][2:]

@@ -23,7 +23,7 @@ CONFIGS = {
     "confidence": dict(method="confidence"),
     "confidence_cosine_margin": dict(method="confidence", unmask_schedule="cosine", confidence="margin"),
     "confidence_random": dict(method="confidence", confidence="random"),
-    "confidence_threshold": dict(method="confidence", threshold=0.9),
+    "threshold": dict(method="threshold", threshold=0.9, num_blocks=2),
     "semi_ar": dict(method="semi_ar", num_blocks=2),
     "topk_topp": dict(method="confidence", top_k=2, top_p=0.9, temperature=0.7),
 }
@@ -61,8 +61,8 @@ def test_oracle_recovers_target_and_prompt_is_fixed(name):
     np.testing.assert_array_equal(out[:, :4], 0)  # prompt unchanged
     np.testing.assert_array_equal(out[:, 4:], np.asarray(TARGET)[:, 4:])
     assert 1 <= int(st["nfe"]) <= 9 and int(st["steps"]) <= 8
-    if name == "confidence_threshold":  # everything is confident: one step, one prediction
-        assert int(st["steps"]) == 1 and int(st["nfe"]) == 1
+    if name == "threshold":  # everything is confident: one step per block
+        assert int(st["steps"]) == 2 and int(st["nfe"]) == 2
 
 
 def _random_logits_fn(ids):
@@ -277,3 +277,94 @@ def test_network_is_compiled_into_the_loop_once():
     jax.jit(functools.partial(sample_text, counting, steps=4, mask_id=MASK)).lower(
         PROMPT_IDS, FIXED, jax.random.key(0))
     assert len(traces) == 2
+
+
+# ----------------------------------------------------------------- threshold sampler, image cache
+def _fixed_confidence_net(probs_BxL):
+    """Position l predicts TARGET[l] with probability probs[l] (the rest spread evenly), whatever the ids."""
+    p = jnp.asarray(probs_BxL, jnp.float32)[..., None]
+    onehot = jax.nn.one_hot(TARGET, V)
+    return lambda ids: jnp.log(onehot * p + (1 - onehot) * (1 - p) / (V - 2) + 1e-30)  # mask column: SUBS
+
+
+def _reveal_steps(fn, **kw):
+    """Row 0's positions in the order the sampler reveals them: one set per network call."""
+    seen = []
+
+    def spy(ids):
+        jax.debug.callback(lambda x: seen.append(np.asarray(x)[0] != MASK), ids, ordered=True)
+        return fn(ids)
+
+    out, st = _run(spy, temperature=0.0, **kw)
+    jax.block_until_ready(out)
+    seen.append(np.asarray(out)[0] != MASK)
+    return [set(np.flatnonzero(b & ~a)) for a, b in zip(seen, seen[1:])], out, st
+
+
+def test_threshold_reveals_every_sure_token_of_the_block_and_at_least_one():
+    """Free positions 4..11 in 2 blocks: 4-7 and 8-11. Block 1 has two sure tokens (6, 7: p >= 0.9) and 4 is
+    the most probable of the rest; block 2 nothing sure; position 9 leads there."""
+    probs = np.broadcast_to(0.3 - 0.01 * np.arange(L), (B, L)).copy()  # no ties: earlier is more probable
+    probs[:, [6, 7]] = [0.97, 0.93]
+    probs[:, 5], probs[:, 9] = 0.5, 0.6
+    steps, out, st = _reveal_steps(_fixed_confidence_net(probs), method="threshold", threshold=0.9, num_blocks=2,
+                                   steps=8)
+    assert steps[0] == {6, 7}  # every sure one of block 1, nothing of block 2
+    assert steps[1] == {5} and steps[2] == {4}  # then one per call, most probable first
+    assert steps[3] == {9} and steps[4:] == [{8}, {10}, {11}]  # block 2 only after block 1 is done
+    np.testing.assert_array_equal(np.asarray(out)[:, 4:], np.asarray(TARGET)[:, 4:])
+    assert int(st["nfe"]) == 7 and np.asarray(st["nfe_per_row"]).tolist() == [7] * B
+
+
+def test_threshold_block_budget_and_factor_rule():
+    probs = np.broadcast_to(0.3 - 0.01 * np.arange(L), (B, L)).copy()
+    # steps // num_blocks = 2 calls per block: the second one reveals what the block still has.
+    steps, _, st = _reveal_steps(_fixed_confidence_net(probs), method="threshold", num_blocks=2, steps=4)
+    assert steps == [{4}, {5, 6, 7}, {8}, {9, 10, 11}] and int(st["nfe"]) == 4
+    # Factor rule with f = 1: the n-th most probable is revealed while p_n >= 1 - f / (n + 1):
+    # 0.96 (n=1: >= 0.5), 0.74 (n=2: >= 0.667), 0.7 < 0.75 (n=3) stops.
+    probs[:, 4:8] = [0.7, 0.96, 0.74, 0.3]
+    steps, _, _ = _reveal_steps(_fixed_confidence_net(probs), method="threshold", factor=1.0, num_blocks=2,
+                                steps=8)
+    assert steps[0] == {5, 6}
+
+
+def test_rows_finish_on_their_own_and_the_loop_ends_with_the_last():
+    """A sure row decodes each block in one call; an unsure row one token per call: nfe per row differs,
+    and the loop makes as many calls as the slowest row needs."""
+    probs = np.full((B, L), 0.99)
+    probs[1] = 0.3 - 0.01 * np.arange(L)
+    _, out, st = _reveal_steps(_fixed_confidence_net(probs), method="threshold", num_blocks=2, steps=8)
+    assert np.asarray(st["nfe_per_row"]).tolist() == [2, 8, 2] and int(st["nfe"]) == 8
+    np.testing.assert_array_equal(np.asarray(out)[:, 4:], np.asarray(TARGET)[:, 4:])
+
+
+def _cached_pair(fn, drift=0.5):
+    """A CachedLogits whose cached calls differ from full ones (the approximation made visible): the cache is
+    the ids of the last full call, and a cached call shifts the logits by how far the ids moved since."""
+    from dual_diffusion.diffusion.text_sampling import CachedLogits
+
+    def cached(ids, seen):
+        return fn(ids) + drift * jnp.sum(ids != seen, axis=1)[:, None, None] * jax.nn.one_hot(2, V)
+
+    return lambda R: CachedLogits(lambda ids: (fn(ids), ids), cached, R)
+
+
+def _neighbour_logits_fn(ids):
+    """Cheap and input-dependent: a fixed random table plus a pull towards the left neighbour's token."""
+    table = jax.random.normal(jax.random.key(9), (L, V))
+    return table + 1.5 * jax.nn.one_hot(jnp.roll(ids, 1, axis=1), V)
+
+
+def test_cache_refreshed_every_call_is_the_uncached_sampler():
+    ids = jnp.where(FIXED, jnp.arange(L) % 5 + 2, MASK)
+    net = _cached_pair(_neighbour_logits_fn, drift=3.0)
+    kw = dict(ids=ids, method="threshold", num_blocks=2, seed=3, threshold=0.5)
+    plain, st_plain = _run(_neighbour_logits_fn, **kw)
+    every, st_every = _run(net(1), **kw)
+    np.testing.assert_array_equal(np.asarray(every), np.asarray(plain))
+    assert int(st_every["full_passes"]) == int(st_every["nfe"]) == int(st_plain["nfe"])
+    never, st_never = _run(net(0), **kw)
+    # Full passes only when some row starts a block (rows enter block 2 at their own time).
+    assert 2 <= int(st_never["full_passes"]) <= 1 + B < int(st_never["nfe"])
+    assert not np.array_equal(np.asarray(never), np.asarray(plain))  # the drift shows: cached calls ran

@@ -232,7 +232,7 @@ def test_sample_and_evaluate_take_a_gcs_checkpoint(tmp_path, monkeypatch):
     (run / "config.json").write_text(json.dumps({"samples": {"t2i_steps": 5}}))
     (run / components.INFO_FILE).write_text("{}")
     args = SimpleNamespace(checkpoint="gs://bucket/run", task="t2i", image=[], mask=[], question=[], steps=None,
-                           num_images=None, batch_size=None, length=None)
+                           num_images=None, batch_size=None, length=None, num_blocks=None)
     with fake_gcs(tmp_path / "store"):
         sample._check(args)  # the folder exists: no "no such folder"
         with pytest.raises(UsageError, match="gs://bucket/nothing: no such folder"):

@@ -23,6 +23,55 @@ from dual_diffusion.aot.hlo_collectives import COLLECTIVE_KINDS, collective_byte
 from dual_diffusion.aot.topology import GiB, Slice, TopologyError, slice_info, topology_devices
 
 
+# --------------------------------------------------------------------------- any program: compile, measure
+def compile_lowered(lowered, hbm_limit: int | None):
+    """(compiled, seconds) of a jax `Lowered`; XLA's out-of-memory error becomes DoesNotFit."""
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        oom = _xla_oom(str(e), hbm_limit)
+        if oom is None:
+            raise
+        raise oom from None
+    return compiled, time.perf_counter() - t0
+
+
+def program_report(compiled, chips: int, chip=None, analytic_flops_per_chip: int = 0) -> dict:
+    """Per chip: XLA's memory (argument / output / temporaries / peak) against the chip's HBM, Pallas
+    kernels, collective bytes (and their ICI time), FLOPs (analytic, and XLA's cost analysis) and their
+    time at peak. `chip`: an aot.topology.Chip, or None (no HBM / ICI / peak figures)."""
+    mem = compiled.memory_analysis()
+    xla = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp",
+                                                                          "generated_code")}
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    if peak:
+        xla["peak"], xla["peak_source"] = peak, "peak_memory_in_bytes"
+    else:
+        xla["peak"] = xla["argument"] + xla["output"] + xla["temp"] - xla["alias"]
+        xla["peak_source"] = "argument+output+temp-alias"
+    hlo = compiled.as_text()
+    hbm = chip.hbm_usable_bytes if chip else None
+    report = dict(xla_memory=xla, memory_source="compiled", hbm_bytes=chip.hbm_bytes if chip else None,
+                  hbm_usable_bytes=hbm, headroom_bytes=hbm - xla["peak"] if hbm else None,
+                  pallas_kernels=count_pallas_kernels(hlo), collectives=collective_bytes(hlo, chips),
+                  analytic_flops_per_chip=int(analytic_flops_per_chip))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    report["xla_cost_flops_per_chip"] = float((cost or {}).get("flops", 0.0))  # counts a scanned layer once
+    if chip:
+        report["ici_seconds"] = report["collectives"]["total_wire_bytes"] / chip.ici_bytes_per_s
+        report["compute_seconds_at_peak"] = report["analytic_flops_per_chip"] / chip.peak_bf16_flops
+    return report
+
+
+def check_peak(report: dict) -> None:
+    """DoesNotFit when a program_report's peak exceeds the chip's usable HBM."""
+    peak, hbm = report["xla_memory"]["peak"], report["hbm_usable_bytes"]
+    if hbm and peak > hbm:
+        raise DoesNotFit(peak, hbm, f"peak {peak / GiB:.2f} GiB > usable HBM {hbm / GiB:.2f} GiB")
+
+
 # --------------------------------------------------------------------------- compile the train step
 class DoesNotFit(Exception):
     """The step needs more HBM per chip than the chip has (compile error or peak > limit)."""
@@ -98,46 +147,19 @@ def compile_for_devices(config, devices, info: Slice | None = None) -> dict:
     report = plan_io.dry_run_report(plan, train_step, abstract_batch, mesh)
     chip = info.chip if info else None
     hbm = chip.hbm_usable_bytes if chip else None
-    t0 = time.perf_counter()
-    try:
-        compiled = train_step.lower(plan.abstract_state, plan.abstract_frozen, abstract_batch).compile()
-    except Exception as e:
-        oom = _xla_oom(str(e), hbm)
-        if oom is None:
-            raise
-        raise oom from None
-    seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    xla = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp",
-                                                                          "generated_code")}
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    if peak:
-        xla["peak"], xla["peak_source"] = peak, "peak_memory_in_bytes"
-    else:
-        xla["peak"] = xla["argument"] + xla["output"] + xla["temp"] - xla["alias"]
-        xla["peak_source"] = "argument+output+temp-alias"
-    hlo = compiled.as_text()
+    compiled, seconds = compile_lowered(train_step.lower(plan.abstract_state, plan.abstract_frozen, abstract_batch),
+                                        hbm)
     flops_total = analytic_flops(config, plan)
-    chips = len(devices)
     report.update(
-        topology=info.name if info else None, libtpu_topology=info.topology if info else None, chips=chips,
+        topology=info.name if info else None, libtpu_topology=info.topology if info else None, chips=len(devices),
         platform=devices[0].platform, device_kind=devices[0].device_kind,
         batch_size=int(config.train.batch_size), microbatches=int(config.train.microbatches),
         batch_unit=batch_unit(config, dict(mesh.shape)), image_size=int(config.data.image_size),
         text_length=int(config.data.text_length), remat_policy=config.runtime.remat_policy,
-        attention_impl=config.runtime.attention_impl, xla_memory=xla, memory_source="compiled",
-        hbm_bytes=chip.hbm_bytes if chip else None, hbm_usable_bytes=hbm,
-        headroom_bytes=hbm - xla["peak"] if hbm else None, pallas_kernels=count_pallas_kernels(hlo),
-        collectives=collective_bytes(hlo, chips), analytic_flops_per_chip=flops_total // chips,
-        compile_seconds=round(seconds, 2))
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    report["xla_cost_flops_per_chip"] = float((cost or {}).get("flops", 0.0))  # counts a scanned layer once
-    if chip:
-        report["ici_seconds"] = report["collectives"]["total_wire_bytes"] / chip.ici_bytes_per_s
-        report["compute_seconds_at_peak"] = report["analytic_flops_per_chip"] / chip.peak_bf16_flops
-    if hbm and xla["peak"] > hbm:
-        raise DoesNotFit(xla["peak"], hbm, f"peak {xla['peak'] / GiB:.2f} GiB > usable HBM {hbm / GiB:.2f} GiB")
+        attention_impl=config.runtime.attention_impl)
+    report.update(program_report(compiled, len(devices), chip, flops_total // len(devices)),
+                  compile_seconds=round(seconds, 2))
+    check_peak(report)
     return report
 
 
@@ -166,22 +188,28 @@ def not_fit_message(name: str, err: DoesNotFit, config) -> str:
 
 def describe(report: dict) -> str:
     """The human-readable lines of a report (the JSON line follows them)."""
-    b, x, c = report["bytes_per_device"], report["xla_memory"], report["collectives"]
+    b = report["bytes_per_device"]
     lines = [f"compiled for {report['topology'] or report['platform']} ({report['chips']} x {report['device_kind']}"
              f"{', libtpu ' + report['libtpu_topology'] if report['libtpu_topology'] else ''}) in "
              f"{report['compile_seconds']:.1f} s",
              f"mesh {report['mesh']}; batch {report['batch_size']} per half x {report['microbatches']} microbatch(es), "
              f"{report['image_size']} px, {report['text_length']} tokens, remat {report['remat_policy']}, "
              f"attention {report['attention_impl']}",
-             "per chip (shapes): " + ", ".join(f"{k} {_size(v)}" for k, v in b.items()),
-             f"per chip (XLA): arguments {_size(x['argument'])}, outputs {_size(x['output'])}, temporaries "
+             "per chip (shapes): " + ", ".join(f"{k} {_size(v)}" for k, v in b.items())]
+    return "\n".join(lines + program_lines(report, "step"))
+
+
+def program_lines(report: dict, per: str) -> list[str]:
+    """The lines of a program_report: memory, HBM headroom, kernels, collectives and FLOPs per `per` (a call)."""
+    x, c = report["xla_memory"], report["collectives"]
+    lines = [f"per chip (XLA): arguments {_size(x['argument'])}, outputs {_size(x['output'])}, temporaries "
              f"{_size(x['temp'])}, peak {_size(x['peak'])} ({x['peak_source']})"]
     if report["hbm_usable_bytes"]:
         lines.append(f"HBM per chip {_size(report['hbm_usable_bytes'])} usable ({_size(report['hbm_bytes'])} "
                      f"nominal): headroom {_size(report['headroom_bytes'])}")
     lines.append(f"Pallas kernels in the program: {report['pallas_kernels']}")
     kinds = ", ".join(f"{k} {_size(c[k]['bytes'])} ({c[k]['ops']} ops)" for k in COLLECTIVE_KINDS if c[k]["ops"])
-    lines.append(f"collectives per step per chip: {kinds or 'none'}; sent {_size(c['total_wire_bytes'])}"
+    lines.append(f"collectives per {per} per chip: {kinds or 'none'}; sent {_size(c['total_wire_bytes'])}"
                  + (f" = {_ms(report['ici_seconds'])} of ICI" if "ici_seconds" in report else "")
                  + (f" ({c['unknown_trip_counts']} loops of unknown trip count counted once)"
                     if c["unknown_trip_counts"] else ""))
@@ -189,7 +217,7 @@ def describe(report: dict) -> str:
                  + (f" = {_ms(report['compute_seconds_at_peak'])} at peak bf16"
                     if "compute_seconds_at_peak" in report else "")
                  + f" (XLA cost analysis: {report['xla_cost_flops_per_chip']:.3e}, a scanned layer counted once)")
-    return "\n".join(lines)
+    return lines
 
 
 def find_max_batch(config, devices, info: Slice, log=print, limit: int = 1 << 16) -> tuple[int | None, list[dict]]:

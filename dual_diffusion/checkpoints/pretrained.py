@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 from flax import nnx
 
@@ -73,6 +74,36 @@ def _jitted(graphdef: nnx.GraphDef, state: nnx.State, method: str) -> Callable:
         return getattr(nnx.merge(graphdef, state), method)(*args)
 
     return functools.partial(run, state)
+
+
+def abstract_state(name: str, cfg, runtime: Runtime = Runtime()) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of shapes and dtypes) of one network; parameters in runtime.param_dtype, as loaded."""
+    graphdef, state = nnx.split(comp.COMPONENTS[name].build_abstract(cfg, runtime))
+    dtype = jnp.dtype(runtime.param_dtype)
+    return graphdef, jax.tree.map(
+        lambda v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, dtype)) if isinstance(v, nnx.Param) else v,
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def read_configs(path, components: Sequence[str] = ("transformer", "text_encoder", "vae")) -> dict[str, Any]:
+    """{name: architecture config} of the networks `path` holds (those of `components`), no weights read."""
+    import json
+
+    path = workdir_path(path)
+    if _is_converted(path):
+        table = {n: c["config"] for n, c in comp.read_info(path)["components"].items()}
+    elif _is_workdir(path):
+        table = json.loads((path / "model.json").read_text())
+    else:
+        raise ValueError(f"{path} is neither a converted checkpoint nor a training workdir")
+    return {n: comp.COMPONENTS[n].config_cls.from_dict(table[n]) for n in components if n in table}
+
+
+def state_bytes(states: Any) -> int:
+    """Bytes of every array in a pytree of (abstract) states."""
+    leaves = jax.tree.leaves(states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in leaves]
+    return int(sum(np.prod(a.shape, dtype=np.int64) * jnp.dtype(a.dtype).itemsize for a in values))
 
 
 def _restore_component(path: epath.Path, component: comp.Component, cfg, runtime: Runtime, mesh, rules):
@@ -188,7 +219,6 @@ def _load_workdir(path: epath.Path, runtime: Runtime, mesh, rules, components: S
     """
     import json
 
-    import numpy as np
     import orbax.checkpoint as ocp
     from flax.nnx import traversals
 

@@ -6,7 +6,8 @@ Components are found by name in COMPONENTS; network modules are imported on
 use, so this file loads without them.
 
 On-disk layout of a converted checkpoint (written by convert_to_jax.py):
-  DST/dual_diffusion.json   format tag, configs, dtypes, new/dropped keys, tokenizer info
+  DST/dual_diffusion.json   format tag, configs, dtypes, new/dropped keys, tokenizer info (mask id, and the
+                            pad token the folder declares: the release pads prompts with it)
   DST/params/<component>/   one Orbax checkpoint per component: nested dict of arrays
   DST/tokenizer/            copy of the source's T5 tokenizer folder (tokenizer_3/ or tokenizer/: spiece.model, ...)
 """

@@ -246,6 +246,17 @@ def _mask_record(layout: Layout, transformer: _Plan, mask_embedding, mask_id: in
     return {"row": row, "source": source, "token": "<extra_id_0>", "id": mask_id}
 
 
+def pad_token_record(tok_folder: Path, tokenizer) -> dict:
+    """The pad token the tokenizer folder declares (the release pads prompts with it), its id and source."""
+    from dual_diffusion.tokenizer import declared_pad_token
+
+    try:
+        token, source = declared_pad_token(tok_folder)
+        return {"pad_token": token, "pad_id": tokenizer.token_id(token), "pad_token_from": source}
+    except ValueError as e:
+        raise ConversionError(f"{tok_folder}: the declared pad token: {e}") from None
+
+
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, mask_embedding: str | Path | None = None,
             progress: bool = True, log: Callable[[str], None] = print,
             warn: Callable[[str], None] = _warn) -> dict:
@@ -269,6 +280,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, mask_emb
         raise ConversionError(f"{tok_folder}: no spiece.model (T5's SentencePiece model, which the converter reads; "
                               "a tokenizer.json alone is not enough: SD3's tokenizer_3/ has the same file)")
     tokenizer = Tokenizer(tok_folder / "spiece.model")
+    pad_record = pad_token_record(tok_folder, tokenizer)
     plans = {"transformer": _transformer_plan(layout.path("transformer"), tokenizer.vocab_size),
              "text_encoder": _simple_plan(layout.path("text_encoder"), "text_encoder", C.t5_from_transformers),
              "vae": _simple_plan(layout.path("vae"), "vae", C.vae_from_diffusers)}
@@ -296,7 +308,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, mask_emb
             "model_index": json.loads(index.read_text()) if layout.found_by == index.name else None,
             "layout": layout.record(),
             "tokenizer": {"folder": comp.TOKENIZER_DIR, "model_file": "spiece.model",
-                          "vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id},
+                          "vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id, **pad_record},
             "mask_embedding": mask_record,
             "components": {}}
     total = sum(p.tensor_count() for p in plans.values())

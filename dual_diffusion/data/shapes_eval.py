@@ -130,18 +130,28 @@ def prompt_passes(detections: list[Detection], spec: PromptSpec) -> bool:
     return True
 
 
+def t2i_passes(image: np.ndarray, spec: PromptSpec) -> bool:
+    """Whether one uint8 image (H, W, 3) shows its prompt."""
+    return bool(prompt_passes(detect_objects(np.asarray(image)), spec))
+
+
+def t2i_scores(passes: list[bool], prompts: list[PromptSpec]) -> dict:
+    """Per-prompt verdicts -> {category: pass rate, 'overall': mean of categories}."""
+    per_cat: dict[str, list[bool]] = {}
+    for ok, spec in zip(passes, prompts, strict=True):
+        per_cat.setdefault(spec.category, []).append(bool(ok))
+    scores = {c: float(np.mean(v)) for c, v in per_cat.items()}
+    scores["overall"] = float(np.mean(list(scores.values()))) if scores else 0.0
+    return scores
+
+
 def evaluate_t2i(images: np.ndarray, prompts: list[PromptSpec]) -> dict:
     """images uint8 (B, H, W, 3), one per prompt -> {category: score, 'overall': mean of categories}."""
     if len(images) != len(prompts):
         raise ValueError(f"evaluate_t2i: {len(images)} images for {len(prompts)} prompts")
     if np.asarray(images).dtype != np.uint8:
         raise ValueError(f"evaluate_t2i: images must be uint8 in [0, 255], got {np.asarray(images).dtype}")
-    per_cat: dict[str, list[bool]] = {}
-    for image, spec in zip(images, prompts):
-        per_cat.setdefault(spec.category, []).append(prompt_passes(detect_objects(np.asarray(image)), spec))
-    scores = {c: float(np.mean(v)) for c, v in per_cat.items()}
-    scores["overall"] = float(np.mean(list(scores.values()))) if scores else 0.0
-    return scores
+    return t2i_scores([t2i_passes(image, spec) for image, spec in zip(images, prompts)], prompts)
 
 
 # ------------------------------------------------------------------ captions

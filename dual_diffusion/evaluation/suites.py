@@ -7,8 +7,11 @@
 GenEval-style text to image per category, captions (exact match, attributes),
 VQA. `coco_captions_suite` (CIDEr), `vqav2_suite` (VQAv2 accuracy) and
 `geneval_suite` (renders GenEval's prompt list for its external scorer) read
-benchmark files from disk. Work runs in fixed-size batches (the last one padded
-by repeating its final item) so every jitted call compiles once.
+benchmark files from disk. Items stream through the pipeline in fixed-size global
+batches (evaluation/stream.py: the last one padded, a progress bar with items/s and
+an ETA, resume from a `journal`); images from disk are read by the processes whose
+devices take them (`ImageFiles`). Each suite's scores hold "throughput": {part:
+{"items", "seconds", "items_per_s"}} of the items this run made.
 """
 from __future__ import annotations
 
@@ -20,37 +23,34 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from dual_diffusion.evaluation import metrics
+from dual_diffusion.evaluation.stream import PartialResults, map_batches
 from dual_diffusion.inference.pipelines import ImageOptions, Pipeline, States, TextOptions
+from dual_diffusion.inference.sharded import is_main
 
 
 class EvalDataError(ValueError):
     """A benchmark file or image that cannot be used; the message names it."""
 
 
-def map_batches(fn: Callable[..., Sequence], columns: Sequence[Sequence], batch_size: int, *, seed: int,
-                desc: str, progress: bool = True) -> list:
-    """fn(*column_chunks, seed=seed + start) over chunks of `batch_size` rows; results concatenated as a list.
+class ImageFiles:
+    """Images read from disk on demand: `files[index_array]` -> uint8 (k, size, size, 3) (a lazy row reader
+    for the pipelines: each process reads only the rows of its own devices)."""
 
-    The last chunk is padded to `batch_size` with copies of its final row and the
-    extra outputs dropped: one compiled shape for all calls."""
-    from tqdm import tqdm
+    def __init__(self, paths: Sequence, size: int):
+        self.paths, self.size = list(paths), int(size)
 
-    n = len(columns[0])
-    if any(len(c) != n for c in columns):
-        raise ValueError(f"map_batches: columns of lengths {[len(c) for c in columns]}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}; expected >= 1")
-    out: list = []
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress or n == 0):
-        real = min(batch_size, n - start)
-        chunks = []
-        for column in columns:
-            rows = list(column[start:start + real])
-            rows += [rows[-1]] * (batch_size - real)
-            chunks.append(np.stack(rows) if isinstance(column, np.ndarray) else rows)
-        result = fn(*chunks, seed=seed + start)
-        out.extend(list(result)[:real])
-    return out
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return np.stack([read_image(self.paths[i], self.size) for i in np.asarray(rows).reshape(-1)])
+
+
+def _digest(image: np.ndarray) -> str:
+    """A short fingerprint of a uint8 image, so two runs can be compared item by item."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
 
 
 def check_fits(pipeline: Pipeline, *, prompts: Sequence[str] = (), questions: Sequence[str] = ()) -> None:
@@ -58,7 +58,7 @@ def check_fits(pipeline: Pipeline, *, prompts: Sequence[str] = (), questions: Se
     from dual_diffusion.data.text_layout import vqa_layout
 
     try:
-        pipeline.encode_prompts(list(dict.fromkeys(prompts)))
+        pipeline.encode_prompts(list(dict.fromkeys(prompts)), truncate=False)
     except ValueError as e:
         raise EvalDataError(f"{e}: raise --text_length") from None
     length = pipeline.vqa_text_length
@@ -74,40 +74,49 @@ def shapes_suite(pipeline: Pipeline, states: States, *, seed: int = 1234, per_ca
                  num_captions: int = 200, num_vqa: int = 200, batch_size: int = 16,
                  image_opts: ImageOptions = ImageOptions(), text_opts: TextOptions = TextOptions(),
                  vqa_opts: TextOptions | None = None, caption_length: int | None = None,
-                 world=None, progress: bool = True) -> dict:
+                 world=None, progress: bool = True, journal: PartialResults | None = None) -> dict:
     """Scores on a shapes world (`world`: a data.shapes.World, default the full world) at
     `pipeline.image_size`; a part with count 0 is skipped. Text to image covers the
     categories that apply to the world (shapes_prompts.categories).
 
-    text_opts samples the captions, vqa_opts (default text_opts) the answers.
+    text_opts samples the captions, vqa_opts (default text_opts) the answers. Items are
+    keyed by `seed` and their index in each set.
 
     Returns {"suite", "image_size", "world", "t2i": {category: pass rate, "overall"},
-    "captions": {"exact_match", "attribute_accuracy", ...}, "vqa": {"accuracy"}}."""
+    "captions": {"exact_match", "attribute_accuracy", ...}, "vqa": {"accuracy"}, "throughput"}."""
     from dual_diffusion.data import shapes, shapes_eval
 
     size, world = pipeline.image_size, world or shapes.FULL_WORLD
-    scores: dict[str, Any] = {"suite": "shapes", "image_size": size, "seed": seed, "world": world.to_config()}
+    scores: dict[str, Any] = {"suite": "shapes", "image_size": size, "seed": seed, "world": world.to_config(),
+                              "throughput": {}}
+    stream = dict(progress=progress, journal=journal)
     if per_category > 0:
         specs = shapes_eval.t2i_prompt_set(seed, per_category, world)
         check_fits(pipeline, prompts=[s.prompt for s in specs])
-        images = map_batches(lambda p, seed: pipeline.text_to_image(states, p, seed=seed, opts=image_opts),
-                             [[s.prompt for s in specs]], batch_size, seed=seed, desc="shapes t2i",
-                             progress=progress)
-        scores["t2i"] = shapes_eval.evaluate_t2i(np.stack(images), specs)
+
+        def t2i(prompts, specs, indices):  # per item: whether it passes, and its fingerprint
+            images = pipeline.text_to_image(states, prompts, seed=seed, indices=indices, opts=image_opts)
+            return [{"pass": shapes_eval.t2i_passes(im, spec), "digest": _digest(im)}
+                    for im, spec in zip(images, specs)]
+
+        items, scores["throughput"]["t2i"] = map_batches(t2i, [[s.prompt for s in specs], specs], batch_size,
+                                                         desc="shapes t2i", part="t2i", **stream)
+        scores["t2i"] = shapes_eval.t2i_scores([item["pass"] for item in items], specs)
     if num_captions > 0:
         caps = shapes_eval.caption_eval_set(seed, num_captions, size, world)
-        preds = map_batches(lambda im, seed: pipeline.caption(states, im, seed=seed, length=caption_length,
-                                                              opts=text_opts),
-                            [caps.images], batch_size, seed=seed, desc="shapes captions", progress=progress)
+        preds, scores["throughput"]["captions"] = map_batches(
+            lambda im, indices: pipeline.caption(states, im, seed=seed, indices=indices, length=caption_length,
+                                                 opts=text_opts),
+            [caps.images], batch_size, desc="shapes captions", part="captions", **stream)
         scores["captions"] = shapes_eval.evaluate_captions(preds, caps.scenes)
         scores["caption_examples"] = [{"truth": t, "generated": p} for t, p in zip(caps.captions[:3], preds)]
     if num_vqa > 0:
         vqa = shapes_eval.vqa_eval_set(seed, num_vqa, size, world)
         check_fits(pipeline, questions=vqa.questions)
         answer_opts = text_opts if vqa_opts is None else vqa_opts
-        preds = map_batches(lambda im, q, seed: pipeline.answer(states, im, q, seed=seed, opts=answer_opts),
-                            [vqa.images, vqa.questions], batch_size, seed=seed, desc="shapes vqa",
-                            progress=progress)
+        preds, scores["throughput"]["vqa"] = map_batches(
+            lambda im, q, indices: pipeline.answer(states, im, q, seed=seed, indices=indices, opts=answer_opts),
+            [vqa.images, vqa.questions], batch_size, desc="shapes vqa", part="vqa", **stream)
         scores["vqa"] = shapes_eval.evaluate_vqa(preds, vqa.answers)
     return scores
 
@@ -181,7 +190,7 @@ def coco_captions_suite(pipeline: Pipeline, states: States, *, annotations: Path
                         max_images: int | None = None, batch_size: int = 16, seed: int = 0,
                         text_opts: TextOptions = TextOptions(), caption_length: int | None = None,
                         scorer: Callable[[Mapping, Mapping], dict] = metrics.cider_score,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, journal: PartialResults | None = None) -> dict:
     """Captions of COCO images (captions_val2014.json layout) scored by `scorer` (CIDEr-D)."""
     data = read_json(annotations, "COCO caption annotations")
     if not isinstance(data, dict) or "annotations" not in data:
@@ -197,18 +206,21 @@ def coco_captions_suite(pipeline: Pipeline, states: States, *, annotations: Path
     if absent:
         raise EvalDataError(f"{len(absent)} images (ids {absent[:5]}...) not found in {images_dir}")
     size = pipeline.image_size
-    preds = map_batches(lambda p, seed: pipeline.caption(states, np.stack([read_image(x, size) for x in p]),
-                                                         seed=seed, length=caption_length, opts=text_opts),
-                        [paths], batch_size, seed=seed, desc="coco captions", progress=progress)
+    preds, speed = map_batches(lambda p, indices: pipeline.caption(states, ImageFiles(p, size), seed=seed,
+                                                                   indices=indices, length=caption_length,
+                                                                   opts=text_opts),
+                               [paths], batch_size, desc="coco captions", part="captions", progress=progress,
+                               journal=journal)
     scores = scorer({i: refs[i] for i in ids}, dict(zip(ids, preds)))
-    return {"suite": "coco_captions", "image_size": size, **scores,
+    return {"suite": "coco_captions", "image_size": size, **scores, "throughput": {"captions": speed},
             "caption_examples": [{"image_id": i, "generated": p, "reference": refs[i][0]}
                                  for i, p in zip(ids[:3], preds)]}
 
 
 def vqav2_suite(pipeline: Pipeline, states: States, *, questions: Path, annotations: Path, images_dir: Path,
                 max_questions: int | None = None, batch_size: int = 16, seed: int = 0,
-                text_opts: TextOptions = TextOptions(), progress: bool = True) -> dict:
+                text_opts: TextOptions = TextOptions(), progress: bool = True,
+                journal: PartialResults | None = None) -> dict:
     """VQAv2 accuracy (metrics.vqa_accuracy) on the questions + annotations files (official JSON layout)."""
     qs = read_json(questions, "VQAv2 questions")
     ann = read_json(annotations, "VQAv2 annotations")
@@ -229,14 +241,15 @@ def vqav2_suite(pipeline: Pipeline, states: States, *, questions: Path, annotati
     if absent:
         raise EvalDataError(f"{len(absent)} images (ids {absent[:5]}) not found in {images_dir}")
     size = pipeline.image_size
-    preds = map_batches(lambda p, q, seed: pipeline.answer(states, np.stack([read_image(x, size) for x in p]), q,
-                                                           seed=seed, opts=text_opts),
-                        [paths, [q["question"] for q in rows]], batch_size, seed=seed, desc="vqav2",
-                        progress=progress)
+    preds, speed = map_batches(lambda p, q, indices: pipeline.answer(states, ImageFiles(p, size), q, seed=seed,
+                                                                     indices=indices, opts=text_opts),
+                               [paths, [q["question"] for q in rows]], batch_size, desc="vqav2", part="vqa",
+                               progress=progress, journal=journal)
     answers = [by_qid[int(q["question_id"])] for q in rows]
     humans = [[h["answer"] for h in _field(a, "answers", str(annotations))] for a in answers]
     types = [a.get("answer_type", "other") for a in answers]
     return {"suite": "vqav2", "image_size": size, **metrics.vqa_scores(preds, humans, types),
+            "throughput": {"vqa": speed},
             "answer_examples": [{"question": q["question"], "generated": p, "humans": h[:3]}
                                 for q, p, h in zip(rows[:3], preds, humans)]}
 
@@ -261,32 +274,32 @@ def read_geneval_prompts(path: Path) -> list[dict]:
 
 def geneval_suite(pipeline: Pipeline, states: States, *, prompts: Sequence[Mapping], out_dir: Path,
                   samples_per_prompt: int = 4, batch_size: int = 16, seed: int = 0,
-                  image_opts: ImageOptions = ImageOptions(), progress: bool = True) -> dict:
+                  image_opts: ImageOptions = ImageOptions(), progress: bool = True,
+                  journal: PartialResults | None = None) -> dict:
     """Renders GenEval prompts as out_dir/<index:05d>/{metadata.jsonl, samples/<k:04d>.png} for its scorer."""
     from PIL import Image
 
     check_fits(pipeline, prompts=[r["prompt"] for r in prompts])
     out_dir = Path(out_dir)
-    for index, record in enumerate(prompts):
+    for index, record in enumerate(prompts if is_main() else ()):
         folder = out_dir / f"{index:05d}"
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(dict(record)) + "\n")
     jobs = [(i, k) for i in range(len(prompts)) for k in range(samples_per_prompt)]
 
-    # Images are written as each batch finishes, so an interrupted run keeps its work.
-    def render_and_save(job_rows, seed):
+    # Images are written (by the main process) as each batch finishes, before the journal records it.
+    def render_and_save(job_rows, indices):
         images = pipeline.text_to_image(states, [prompts[i]["prompt"] for i, _ in job_rows], seed=seed,
-                                        opts=image_opts)
-        saved = set()
-        for (i, k), image in zip(job_rows, images):
-            if (i, k) not in saved:  # padding rows repeat the last job: keep its first image
+                                        indices=indices, opts=image_opts)
+        if is_main():
+            for (i, k), image in dict(zip(map(tuple, job_rows), images)).items():  # padding repeats the last
                 Image.fromarray(image).save(out_dir / f"{i:05d}" / "samples" / f"{k:04d}.png")
-                saved.add((i, k))
-        return job_rows
+        return [_digest(image) for image in images]
 
-    map_batches(render_and_save, [jobs], batch_size, seed=seed, desc="geneval", progress=progress)
+    _, speed = map_batches(render_and_save, [jobs], batch_size, desc="geneval", part="images", progress=progress,
+                           journal=journal)
     return {"suite": "geneval", "image_size": pipeline.image_size, "prompts": len(prompts),
-            "images": len(jobs), "out_dir": str(out_dir)}
+            "images": len(jobs), "out_dir": str(out_dir), "throughput": {"images": speed}}
 
 
 # ------------------------------------------------------------------ report

@@ -57,37 +57,40 @@ def splash_block(length: int, preferred: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(heads: int, padded: int, block: int, interpret: bool):
+def _splash_kernel(heads: int, q_padded: int, q_block: int, kv_padded: int, kv_block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     # Made once per shape, outside any trace: the kernel holds the mask's block tables as constants.
-    mask = masks.MultiHeadMask([masks.FullMask((padded, padded)) for _ in range(heads)])
-    blocks = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = masks.MultiHeadMask([masks.FullMask((q_padded, kv_padded)) for _ in range(heads)])
+    blocks = kernel.BlockSizes(block_q=q_block, block_kv=kv_block, block_kv_compute=kv_block, block_q_dkv=q_block,
+                               block_kv_dkv=kv_block, block_kv_dkv_compute=kv_block, block_q_dq=q_block,
+                               block_kv_dq=kv_block)
     with jax.ensure_compile_time_eval():
         return kernel.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q, k, v, scale: float, block: int, interpret: bool):
-    """Splash attention on one device's shard: q, k, v (B, L, H, D) -> (B, L, H, D).
+    """Splash attention on one device's shard: q (B, Lq, H, D), k, v (B, Lk, H, D) -> (B, Lq, H, D).
 
     Lengths that are not a multiple of the lane width are padded; padded keys get their own segment id,
-    so real queries never attend to them (padded queries attend only padding and are cut off).
+    so no query attends to them (padded queries attend the real keys and are cut off).
     """
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
-    b, length, h, _ = q.shape
-    padded, block = splash_block(length, block)
-    to_bhld = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+    b, q_len, h, _ = q.shape
+    kv_len = k.shape[1]
+    (q_padded, q_block), (kv_padded, kv_block) = splash_block(q_len, block), splash_block(kv_len, block)
+    to_bhld = lambda x, n: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, n - x.shape[1]), (0, 0)))
     q = q * jnp.asarray(scale, q.dtype)  # the kernel does not scale its logits
     segments = None
-    if padded != length:
-        ids = jnp.asarray(np.arange(padded) >= length, jnp.int32)
-        segments = SegmentIds(q=ids, kv=ids)
-    kern = _splash_kernel(h, padded, block, interpret)
-    out = jax.vmap(lambda qq, kk, vv: kern(qq, kk, vv, segment_ids=segments))(to_bhld(q), to_bhld(k), to_bhld(v))
-    return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v.dtype)
+    if kv_padded != kv_len:
+        segments = SegmentIds(q=jnp.zeros((q_padded,), jnp.int32),
+                              kv=jnp.asarray(np.arange(kv_padded) >= kv_len, jnp.int32))
+    kern = _splash_kernel(h, q_padded, q_block, kv_padded, kv_block, interpret)
+    out = jax.vmap(lambda qq, kk, vv: kern(qq, kk, vv, segment_ids=segments))(
+        to_bhld(q, q_padded), to_bhld(k, kv_padded), to_bhld(v, kv_padded))
+    return jnp.swapaxes(out[:, :, :q_len], 1, 2).astype(v.dtype)
 
 
 def splash_attention(q, k, v, *, scale: float, block: int = 512, interpret: bool = False):
@@ -129,7 +132,7 @@ def attention(q, k, v, *, impl: str = "auto", bias=None, scale: float | None = N
     """Multi-head attention without masking of keys beyond `bias`.
 
     Args:
-      q: (B, Lq, H, D); k, v: (B, Lk, H, D).
+      q: (B, Lq, H, D); k, v: (B, Lk, H, D) (Lq < Lk: text queries against cached image keys).
       bias: optional additive logits bias broadcastable to (B, H, Lq, Lk) (T5's relative positions).
       scale: logits scale; default 1/sqrt(D) (T5 passes 1.0).
       block: preferred splash block size (Runtime.attention_block).
@@ -146,6 +149,6 @@ def attention(q, k, v, *, impl: str = "auto", bias=None, scale: float | None = N
                 _warn_once(f"attention: cudnn rejected q{q.shape} {q.dtype} ({type(e).__name__}: {e}); using xla")
         else:
             _warn_once("attention: cudnn path is used without a bias only; using xla for biased attention")
-    elif chosen == "pallas" and bias is None and q.shape[1] == k.shape[1]:
+    elif chosen == "pallas" and bias is None:
         return splash_attention(q, k, v, scale=scale, block=block)
     return _xla(q, k, v, bias, scale)

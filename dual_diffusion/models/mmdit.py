@@ -15,10 +15,19 @@ outputs (velocity and logits) are float32 whatever the compute dtype.
 Layers are stored one module per block (`blocks[i]`), so checkpoints do not
 depend on `runtime.scan_layers`; scanning stacks the per-block states inside
 the traced call.
+
+Text decoding with a clean, fixed image (captions, VQA) can skip the image
+stream: `logits_and_image_kv` is the full forward that also returns every
+layer's image keys and values (`ImageKV`), and `text_logits` runs only the text
+tokens through the blocks, attending to those cached keys/values plus fresh
+text ones. With the cache of the same text it equals the full forward; with
+later text it is an approximation (in the full network the image stream also
+reads the text), which the samplers refresh (diffusion/text_sampling.py).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,41 +120,66 @@ class JointBlock(nnx.Module):
         self.img_mlp = MLP(d, runtime, rngs=rngs)
         self.txt_mlp = MLP(d, runtime, rngs=rngs)
 
-    def __call__(self, x_BxNxD, c_BxLxD, temb_BxD):
-        """Image tokens x, text tokens c (float32 residual streams), conditioning temb -> (x, c)."""
+    def _text_modulation(self, temb_BxD):
+        """(shift, scale, gate, shift_mlp, scale_mlp, gate_mlp) of the text stream, each (B, D)."""
+        return jnp.split(self.txt_mod(jax.nn.silu(temb_BxD)), 6, axis=-1)
+
+    def _text_qkv(self, c_BxLxD, mod):
+        return self.txt_qkv(_modulate(layer_norm(c_BxLxD), mod[0], mod[1]))
+
+    def _text_update(self, c_BxLxD, o_BxLxHxD, mod):
+        """The text stream after its share of the joint attention output: projection, then MLP."""
+        _, _, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = mod
+        o = constrain(o_BxLxHxD, HEADS).reshape(o_BxLxHxD.shape[0], o_BxLxHxD.shape[1], -1)
+        c = c_BxLxD + c_gate[:, None] * self.txt_out(o)
+        c = c + c_gate_mlp[:, None] * self.txt_mlp(_modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
+        return constrain(c, STREAM)
+
+    def forward_with_image_kv(self, x_BxNxD, c_BxLxD, temb_BxD):
+        """__call__ that also returns the image tokens' keys and values (each (B, N, H, Dh)) of the joint
+        attention: what `text_only` attends to."""
         x_BxNxD, c_BxLxD = constrain(x_BxNxD, STREAM), constrain(c_BxLxD, STREAM)
-        cond = jax.nn.silu(temb_BxD)
-        img = jnp.split(self.img_mod(cond), 9 if self.attn2 is not None else 6, axis=-1)
+        img = jnp.split(self.img_mod(jax.nn.silu(temb_BxD)), 9 if self.attn2 is not None else 6, axis=-1)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = img[:6]
-        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = jnp.split(self.txt_mod(cond), 6, axis=-1)
+        txt = self._text_modulation(temb_BxD)
 
         x_norm = layer_norm(x_BxNxD)
         qi, ki, vi = self.img_qkv(_modulate(x_norm, shift, scale))
-        qt, kt, vt = self.txt_qkv(_modulate(layer_norm(c_BxLxD), c_shift, c_scale))
+        qt, kt, vt = self._text_qkv(c_BxLxD, txt)
         n = x_BxNxD.shape[1]
         cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-        o = attention(cat(qi, qt), cat(ki, kt), cat(vi, vt), impl=self.impl, block=self.block)
-        o = constrain(o, HEADS).reshape(o.shape[0], o.shape[1], -1)
+        o = constrain(attention(cat(qi, qt), cat(ki, kt), cat(vi, vt), impl=self.impl, block=self.block), HEADS)
 
-        x = x_BxNxD + gate[:, None] * self.img_out(o[:, :n])
+        x = x_BxNxD + gate[:, None] * self.img_out(o[:, :n].reshape(o.shape[0], n, -1))
         if self.attn2 is not None:
             # SD3.5: the second attention reads the pre-attention norm with its own shift/scale.
             shift2, scale2, gate2 = img[6:]
             x = x + gate2[:, None] * self.attn2(_modulate(x_norm, shift2, scale2))
         x = x + gate_mlp[:, None] * self.img_mlp(_modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return constrain(x, STREAM), self._text_update(c_BxLxD, o[:, n:], txt), (ki, vi)
 
-        c = c_BxLxD + c_gate[:, None] * self.txt_out(o[:, n:])
-        c = c + c_gate_mlp[:, None] * self.txt_mlp(_modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
-        return constrain(x, STREAM), constrain(c, STREAM)
+    def __call__(self, x_BxNxD, c_BxLxD, temb_BxD):
+        """Image tokens x, text tokens c (float32 residual streams), conditioning temb -> (x, c)."""
+        x, c, _ = self.forward_with_image_kv(x_BxNxD, c_BxLxD, temb_BxD)
+        return x, c
+
+    def text_only(self, c_BxLxD, temb_BxD, image_kv):
+        """The text stream's update with the image's keys and values given, (k, v) each (B, N, H, Dh):
+        text queries attend to [image; text] keys as in __call__; the image stream is not computed."""
+        c_BxLxD = constrain(c_BxLxD, STREAM)
+        txt = self._text_modulation(temb_BxD)
+        qt, kt, vt = self._text_qkv(c_BxLxD, txt)
+        ki, vi = image_kv
+        cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+        o = attention(qt, cat(ki, kt), cat(vi, vt), impl=self.impl, block=self.block)
+        return self._text_update(c_BxLxD, o, txt)
 
 
-def _block_fn(graphdef, remat_policy: str):
-    """A pure function (state, x, c, temb) -> (x, c) of one block, rematerialised per the policy."""
+class ImageKV(NamedTuple):
+    """Per-layer keys and values of the image tokens, each (layers, B, N, H, Dh): `MMDiT.text_logits`' cache."""
 
-    def fn(state, x, c, temb):
-        return nnx.merge(graphdef, state)(x, c, temb)
-
-    return remat(fn, remat_policy)
+    k: jax.Array
+    v: jax.Array
 
 
 class MMDiT(nnx.Module):
@@ -177,8 +211,8 @@ class MMDiT(nnx.Module):
                                      (None, None, "embed"), runtime.param_dtype)
                                if cfg.text_pos_embed_len else None)
 
-    def _run_blocks(self, x, c, temb):
-        """Runs blocks in order; with scan_layers, each run of identical consecutive blocks is one lax.scan."""
+    def _block_runs(self) -> list[tuple[nnx.GraphDef, list]]:
+        """Blocks as (graphdef, [states]) runs; with scan_layers, identical consecutive blocks share a run."""
         runs: list[tuple[nnx.GraphDef, list]] = []
         for block in self.blocks:
             graphdef, state = nnx.split(block)
@@ -186,18 +220,56 @@ class MMDiT(nnx.Module):
                 runs[-1][1].append(state)
             else:
                 runs.append((graphdef, [state]))
-        for graphdef, states in runs:
-            fn = _block_fn(graphdef, self.runtime.remat_policy)
-            if len(states) == 1:
-                x, c = fn(states[0], x, c, temb)
-                continue
-            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        return runs
 
-            def body(carry, state, fn=fn):
-                return fn(state, *carry, temb), None
+    def _apply_blocks(self, step: Callable, carry, temb, per_layer=None):
+        """Folds `step(block, carry, temb, x_l) -> (carry, y_l)` over the blocks in order.
 
-            (x, c), _ = jax.lax.scan(body, (x, c), stacked)
-        return x, c
+        per_layer: a pytree with a leading layer axis whose l-th slice is x_l (None: x_l = None).
+        Each run of `_block_runs` with more than one block is one lax.scan, rematerialised per the
+        runtime's policy. Returns (carry, the y_l stacked on a leading layer axis, or None).
+        """
+        ys, start = [], 0
+        for graphdef, states in self._block_runs():
+            n = len(states)
+
+            def fn(state, carry, temb, x, graphdef=graphdef):
+                return step(nnx.merge(graphdef, state), carry, temb, x)
+
+            fn = remat(fn, self.runtime.remat_policy)
+            xs = None if per_layer is None else jax.tree.map(lambda a: a[start:start + n], per_layer)
+            if n == 1:
+                carry, y = fn(states[0], carry, temb, jax.tree.map(lambda a: a[0], xs))
+                y = jax.tree.map(lambda a: a[None], y)
+            else:
+                stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+                carry, y = jax.lax.scan(lambda carry, sx, fn=fn: fn(sx[0], carry, temb, sx[1]), carry, (stacked, xs))
+            ys.append(y)
+            start += n
+        if ys[0] is None:
+            return carry, None
+        return carry, jax.tree.map(lambda *parts: jnp.concatenate(parts), *ys)
+
+    def _embed(self, latents, text_hidden, timestep):
+        """(image tokens (B, N, D), text tokens (B, L, D), temb (B, D)): the streams entering the blocks."""
+        b = text_hidden.shape[0]
+        if latents is not None:
+            x = self.pos_embed(latents)
+        else:
+            x = jnp.broadcast_to(self.null_image_embd[...].astype(jnp.float32), (b,) + self.null_image_embd.shape[1:])
+        return constrain(x, STREAM), self._embed_text(text_hidden), self.time_embed(timestep)
+
+    def _embed_text(self, text_hidden):
+        c = self.context_embedder(text_hidden, out_dtype=jnp.float32)
+        if self.text_pos_embed is not None:
+            n_max = self.text_pos_embed.shape[1]
+            if c.shape[1] > n_max:
+                raise ValueError(f"MMDiT: text length {c.shape[1]} exceeds text_pos_embed_len={n_max}")
+            c = c + self.text_pos_embed[:, :c.shape[1]].astype(jnp.float32)
+        return constrain(c, STREAM)
+
+    def _text_head(self, c):
+        return constrain(self.text_out_proj(layer_norm(c), out_dtype=jnp.float32), ("batch", "seq", "vocab"))
 
     def __call__(self, latents, text_hidden, timestep, *, image_rows=None, text_rows=None):
         """Velocity and text logits.
@@ -214,20 +286,8 @@ class MMDiT(nnx.Module):
           velocity (B', H, W, out_channels) float32, or None without latents;
           logits (B', L, vocab_size) float32.
         """
-        b = text_hidden.shape[0]
-        if latents is not None:
-            x = self.pos_embed(latents)
-        else:
-            x = jnp.broadcast_to(self.null_image_embd[...].astype(jnp.float32), (b,) + self.null_image_embd.shape[1:])
-        x = constrain(x, STREAM)
-        temb = self.time_embed(timestep)
-        c = self.context_embedder(text_hidden, out_dtype=jnp.float32)
-        if self.text_pos_embed is not None:
-            n_max = self.text_pos_embed.shape[1]
-            if c.shape[1] > n_max:
-                raise ValueError(f"MMDiT: text length {c.shape[1]} exceeds text_pos_embed_len={n_max}")
-            c = c + self.text_pos_embed[:, :c.shape[1]].astype(jnp.float32)
-        x, c = self._run_blocks(x, constrain(c, STREAM), temb)
+        x, c, temb = self._embed(latents, text_hidden, timestep)
+        (x, c), _ = self._apply_blocks(lambda block, xc, temb, _: (block(*xc, temb), None), (x, c), temb)
 
         velocity = None
         if latents is not None:
@@ -240,9 +300,33 @@ class MMDiT(nnx.Module):
             h, w, b = hh // p, ww // p, x.shape[0]
             velocity = patches.reshape(b, h, w, p, p, oc).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, oc)
             velocity = constrain(velocity, ("batch", None, None, None))
-        c = text_rows(c) if text_rows is not None else c
-        logits = constrain(self.text_out_proj(layer_norm(c), out_dtype=jnp.float32), ("batch", "seq", "vocab"))
-        return velocity, logits
+        return velocity, self._text_head(text_rows(c) if text_rows is not None else c)
+
+    # ---- image K/V cache: text decoding with a clean, fixed image
+    def logits_and_image_kv(self, latents, text_hidden, timestep) -> tuple[jax.Array, ImageKV]:
+        """The text logits of __call__ (B, L, vocab) and every layer's image keys and values (ImageKV).
+
+        While a caption or answer is decoded the image is clean and fixed, so `text_logits` can reuse
+        these keys and values for later text: an approximation, since in the full network they also
+        depend on the text through the joint attention of the blocks before.
+        """
+        x, c, temb = self._embed(latents, text_hidden, timestep)
+
+        def step(block, xc, temb, _):
+            x, c, kv = block.forward_with_image_kv(*xc, temb)
+            return (x, c), kv
+
+        (_, c), (k, v) = self._apply_blocks(step, (x, c), temb)
+        return self._text_head(c), ImageKV(k, v)
+
+    def text_logits(self, text_hidden, timestep, image_kv: ImageKV) -> jax.Array:
+        """Text logits (B, L, vocab) from the text tokens only: in every block the text attends to the
+        cached image keys and values plus its own; the image stream is not run. With the cache of the
+        same text, equal to `logits_and_image_kv`'s logits (to float rounding)."""
+        c, temb = self._embed_text(text_hidden), self.time_embed(timestep)
+        c, _ = self._apply_blocks(lambda block, c, temb, kv: (block.text_only(c, temb, kv), None), c, temb,
+                                  per_layer=tuple(image_kv))
+        return self._text_head(c)
 
 
 def init_mmdit(cfg: MMDiTConfig, runtime: Runtime = Runtime(), seed: int = 0) -> MMDiT:
