@@ -74,13 +74,13 @@ class _OraclePipeline:
         self.vqa_text_length = real.vqa_text_length
         self.scenes = {s.prompt: s.scene for s in shapes_eval.t2i_prompt_set(seed, per_category)}
 
-    def text_to_image(self, states, prompts, *, seed, opts):
+    def text_to_image(self, states, prompts, *, seed, indices, opts):
         return np.stack([shapes.render(self.scenes[p], self.image_size) for p in prompts])
 
-    def caption(self, states, images, *, seed, length, opts):
+    def caption(self, states, images, *, seed, indices, length, opts):
         return [shapes.list_caption(shapes_eval.scene_from_image(im)) for im in images]
 
-    def answer(self, states, images, questions, *, seed, opts):
+    def answer(self, states, images, questions, *, seed, indices, opts):
         return [shapes_eval.answer_from_image(im, q) for im, q in zip(images, questions)]
 
 
@@ -219,7 +219,7 @@ def test_cli_oracle_writes_scores(tmp_path, capsys):
 def test_cli_oracle_scores_the_world_of_a_workdir(tmp_path, capsys):
     """--oracle --checkpoint=WORKDIR: the truth of the world in WORKDIR/config.json, its categories only."""
     world = dict(colors=["red", "blue"], shapes=["square", "triangle"], min_objects=1, max_objects=1,
-                 min_radius=0.18, max_radius=0.24)
+                 min_radius=0.18, max_radius=0.24, spread=0.5)
     (tmp_path / "config.json").write_text(json.dumps({"data": {"shapes_world": world}}))
     code = evaluate.main(["--suite=shapes", "--oracle", "--checkpoint", str(tmp_path), "--image_size=32",
                           "--per_category=4", "--num_captions=6", "--num_vqa=6", "--out_dir", str(tmp_path)])
@@ -264,7 +264,10 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
     evaluation does (same options, seed, sizes, counts, batch), reading them from WORKDIR/config.json."""
     from types import SimpleNamespace
 
-    from dual_diffusion.checkpoints import pretrained
+    import jax
+
+    from dual_diffusion.inference import sharded
+    from dual_diffusion.sharding import make_mesh
     from dual_diffusion.training import samples as training_samples
 
     sys.path.insert(0, str(REPO))
@@ -285,11 +288,14 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
     bundle = SimpleNamespace(info={"step": 1600, "image_size": 32, "text_length": 32}, configs={},
                              graphdefs=graphdefs, tokenizer=None, states={})
     runtimes = []
-    monkeypatch.setattr(pretrained, "load_pretrained", lambda path, runtime: runtimes.append(runtime) or bundle)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    monkeypatch.setattr(sharded, "load_on_mesh", lambda path, runtime, **mesh_flags: runtimes.append(runtime)
+                        or (bundle, mesh, sharded.MeshChoice(1, 1, 1, "one device")))
     assert evaluate.main(["--checkpoint", str(workdir), "--suite=shapes", "--preset=demo",
                           "--out_dir", str(tmp_path / "out")]) == 0
     (train_pipe, train_kw), (eval_pipe, eval_kw) = calls
     assert eval_kw.pop("vqa_opts") == train_kw["text_opts"] and eval_kw.pop("caption_length") is None
+    assert eval_kw.pop("journal").path == tmp_path / "out" / "partial_shapes.jsonl"  # resume: no effect on items
     train_kw.pop("progress", None)  # display only
     assert eval_kw == train_kw
     for size in ("image_size", "text_length", "caption_text_length", "vqa_text_length"):
@@ -327,6 +333,37 @@ def test_release_decoding_resolves_the_release_protocol():
     assert (default["caption_opts"].steps, default["vqa_opts"].steps) == (64, 32)
     assert (default["vqa_opts"].decoding, default["vqa_opts"].image_latents) == ("first_eos", "mean")
     assert parse("--release-decoding", "--text_steps=16")["caption_opts"].steps == 16
+
+
+def test_fast_decoding_flags_and_nfe_in_the_scores(tmp_path, monkeypatch, capsys):
+    """--sampler=threshold --threshold --num_blocks --image_cache reach both TextOptions (a bare --image_cache
+    is R = 0); the printed scores give the mean network calls per row of each text task."""
+    from types import SimpleNamespace
+
+    import jax
+
+    from dual_diffusion.inference import sharded
+    from dual_diffusion.sharding import make_mesh
+
+    parse = lambda *a: evaluate.resolve_settings(evaluate.parse_args(["--checkpoint", "x", *a]))  # noqa: E731
+    st = parse("--sampler=threshold", "--threshold=0.8", "--num_blocks=2", "--image_cache")
+    for opts in (st["caption_opts"], st["vqa_opts"]):
+        assert (opts.method, opts.threshold, opts.num_blocks, opts.image_cache) == ("threshold", 0.8, 2, 0)
+    assert parse("--image_cache=3")["vqa_opts"].image_cache == 3 and parse()["vqa_opts"].image_cache is None
+
+    def suite(pipeline, states, **kw):  # stands in for the decoding: 3 and 5 calls for two captions
+        pipeline.text_calls["caption"] += [3, 5]
+        return {"suite": "shapes"}
+
+    monkeypatch.setattr(suites, "shapes_suite", suite)
+    bundle = SimpleNamespace(info={"step": 1, "image_size": 32, "text_length": 32}, configs={},
+                             graphdefs={"transformer": None, "text_encoder": None}, tokenizer=None, states={})
+    mesh = make_mesh(devices=jax.devices()[:1])
+    monkeypatch.setattr(sharded, "load_on_mesh", lambda path, runtime, **mesh_flags:
+                        (bundle, mesh, sharded.MeshChoice(1, 1, 1, "one device")))
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--out_dir", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == {"caption": 4.0}
 
 
 def test_pipeline_applies_the_decoding_option(tiny):
