@@ -96,6 +96,7 @@ def make_prompt(category: str, rng: np.random.Generator, world: shapes.World = s
     prompt = f"{shapes._phrase(1, c1, s1)} {word} {shapes._phrase(1, c2, s2)}"
     return PromptSpec(category, prompt, wants, relation=rel, scene=scene)
 
+
 def t2i_prompt_set(seed: int, per_category: int, world: shapes.World = shapes.FULL_WORLD) -> list[PromptSpec]:
     """per_category prompts of each category that applies to `world`, deterministic in seed."""
     rng = np.random.default_rng([seed, 7])
