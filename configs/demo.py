@@ -57,7 +57,7 @@ def get_config(arg=None):
     common.set_data(c, image_size=16, text_length=24)  # BPE: VQA rows of this world reach 23 tokens
     # The built-in shapes world, here a small one. Image-to-text rows are 3 VQA to 1 caption: captions are
     # learned by step ~1000 either way, but "is there a <color> <shape>?" (yes iff the question's color is the
-    # image's) stayed at chance after 3000 steps with 1 VQA row in 2, and is learned at steps 1000-1500 so.
+    # image's) was at chance after 2000 steps with 1 VQA row in 2, and is learned by steps 1000-2300 so.
     c.data.shapes_world.update(DEMO_WORLD)
     c.data.i2t_sources = [dict(kind="shapes", seed=1, num_records=100_000, weight=1.0,
                                tasks=("caption", "vqa", "vqa", "vqa"))]

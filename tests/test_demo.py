@@ -7,7 +7,7 @@ held-out renders (sizes and draws of the evaluation seed, never a training recor
 - the captions name the color of the object in at least MIN_COLOR of the images, read by the shapes
   suite's own caption scorer. Chance is 1/4 (four colors: a guesser names 0.4 of 64 once in ~230); an
   untrained model names none. 150 steps name it in about half: what this world needs to be learned well
-  comes later (the image loss and the yes/no answers drop between steps 1000 and 1500: README, The demo).
+  comes later (the image loss drops at steps 1100-1500, the yes/no answers by 1000-2300: README, The demo).
 """
 import json
 import math

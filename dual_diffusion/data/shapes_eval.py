@@ -5,7 +5,8 @@ background, or to "unknown" when it is far from all of them); each color's
 4-connected components are objects when their area is plausible; the shape comes
 from the ideal circle/square/triangle fitted to a component's
 bounding box that overlaps it best (IoU). This reads renders exactly at any
-size from 32 px up, and gives nothing on noise or on a single flat color.
+size from 32 px up (the demo world's larger single objects from 16 px: 1.0 on 400 renders), and
+gives nothing on noise or on a single flat color.
 
 Scores: `evaluate_t2i` (GenEval-style: a prompt passes or fails; per category and
 "overall" = mean of the categories), `evaluate_captions` (the scene a caption
