@@ -11,9 +11,11 @@ r"""Evaluation from the command line; prints one JSON object of scores.
       --images=val2014/ [--max_questions=N] [--release-decoding]   # VQAv2 accuracy
   python -m dual_diffusion.evaluate --checkpoint=DIR --suite=geneval --prompts=evaluation_metadata.jsonl
       --out_dir=DIR [--samples_per_prompt=4]                       # images for GenEval's own scorer
-  python -m dual_diffusion.evaluate --suite=shapes --oracle       # the shapes evaluator's self-check
+  python -m dual_diffusion.evaluate --suite=shapes --oracle [--checkpoint=WORKDIR]  # the evaluator's self-check
 
 DIR is a converted checkpoint or a training workdir (its latest EMA weights).
+The shapes suite draws from the shapes world a workdir trained on (its
+config.json's data.shapes_world), else the full world.
 Defaults: 28 Euler steps on diffusers' scheduler levels, CFG 7; captions and VQA
 in 128-token rows (a workdir's trained length when shorter), 64 and 32 ancestral
 steps, text cut at the first EOS. `--preset=demo` takes every setting of the
@@ -69,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             **kw)  # noqa: E731
     add("checkpoint", help="converted checkpoint or training workdir")
     add("suite", default="shapes", choices=SUITES)
-    add("oracle", action="store_true", help="shapes only: score ground-truth renders, no model")
+    add("oracle", action="store_true",
+        help="shapes only: score ground-truth renders, no model (of --checkpoint's world if given)")
     add("preset", choices=PRESETS, help="demo: the trainer's end-of-training evaluation settings")
     add("release_decoding", action="store_true",
         help="the release's text protocol: ancestral, 64 caption / 32 VQA steps, 128 tokens, its decoding")
@@ -126,7 +129,7 @@ def _check(args) -> None:
             raise UsageError(f"--oracle exists for --suite=shapes only, not --suite={args.suite}")
     elif not args.checkpoint:
         raise UsageError("--checkpoint is required (or --suite=shapes --oracle)")
-    elif not _ckpt_path(args.checkpoint).is_dir():  # pathlib would turn gs://b/x into the local gs:/b/x
+    if args.checkpoint and not _ckpt_path(args.checkpoint).is_dir():  # pathlib: gs://b/x would be gs:/b/x
         raise UsageError(f"--checkpoint={args.checkpoint}: no such folder")
     for name in ("batch_size", "t2i_steps", "text_steps", "samples_per_prompt", "image_size", "text_length",
                  "caption_length", "max_images", "max_questions", "num_blocks"):
@@ -178,6 +181,20 @@ def preset_config(name: str, checkpoint: str) -> dict:
     return importlib.import_module(f"configs.{name}").get_config().to_dict()
 
 
+def shapes_world(checkpoint: str | None):
+    """The shapes world a workdir trained on (data.shapes_world of its config.json); the full world for
+    no checkpoint, a converted one, or a run from before worlds were configurable."""
+    from dual_diffusion.data import shapes
+
+    saved = _ckpt_path(checkpoint) / "config.json" if checkpoint else None
+    if saved is None or not saved.is_file():
+        return shapes.FULL_WORLD
+    try:
+        return shapes.world_of_run(json.loads(saved.read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"cannot read the shapes world (data.shapes_world) of {saved}: {e}") from None
+
+
 def resolve_settings(args) -> dict:
     """Everything a suite samples with: explicit flags, else the preset / release protocol, else DEFAULTS.
 
@@ -222,22 +239,24 @@ def resolve_settings(args) -> dict:
 
 
 def shapes_oracle_scores(seed: int, image_size: int, per_category: int, num_captions: int,
-                         num_vqa: int) -> dict:
-    """Scores of the truth: t2i (renders of each prompt's scene), captions, VQA answers."""
+                         num_vqa: int, world=None) -> dict:
+    """Scores of the truth in `world` (default the full one): t2i (renders of each prompt's scene),
+    captions, VQA answers."""
     import numpy as np
 
     from dual_diffusion.data import shapes, shapes_eval
 
-    prompts = shapes_eval.t2i_prompt_set(seed, per_category)
+    world = world or shapes.FULL_WORLD
+    prompts = shapes_eval.t2i_prompt_set(seed, per_category, world)
     images = np.stack([shapes.render(p.scene, image_size) for p in prompts])
-    caps = shapes_eval.caption_eval_set(seed, num_captions, image_size)
-    vqa = shapes_eval.vqa_eval_set(seed, num_vqa, image_size)
+    caps = shapes_eval.caption_eval_set(seed, num_captions, image_size, world)
+    vqa = shapes_eval.vqa_eval_set(seed, num_vqa, image_size, world)
     # The image reader is checked too: captions against the scenes read from the
     # pixels, and VQA answered from those scenes.
     read_scenes = [shapes_eval.scene_from_image(im) for im in caps.images]
-    read_answers = [shapes_eval.answer_from_image(im, q) for im, q in zip(vqa.images, vqa.questions)]
+    read_answers = [shapes_eval.answer_from_image(im, q, world) for im, q in zip(vqa.images, vqa.questions)]
     return {
-        "suite": "shapes", "oracle": True, "image_size": image_size,
+        "suite": "shapes", "oracle": True, "image_size": image_size, "world": world.to_config(),
         "t2i": shapes_eval.evaluate_t2i(images, prompts),
         "captions": shapes_eval.evaluate_captions(caps.captions, caps.scenes),
         "captions_vs_read_scenes": shapes_eval.evaluate_captions(caps.captions, read_scenes),
@@ -310,7 +329,7 @@ def _model_scores(args) -> dict | None:
         scores = suites.shapes_suite(pipe, bundle.states, per_category=st["per_category"],
                                      num_captions=st["num_captions"], num_vqa=st["num_vqa"], image_opts=image_opts,
                                      text_opts=caption_opts, vqa_opts=vqa_opts, caption_length=st["caption_length"],
-                                     **common)
+                                     world=shapes_world(args.checkpoint), **common)
     elif args.suite == "coco_captions":
         scores = suites.coco_captions_suite(pipe, bundle.states, annotations=args.annotations,
                                             images_dir=args.images, max_images=args.max_images,
@@ -347,7 +366,7 @@ def run(args) -> dict:
     if args.oracle:
         pick = lambda name: DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
         scores = shapes_oracle_scores(pick("seed"), args.image_size or 64, pick("per_category"),
-                                      pick("num_captions"), pick("num_vqa"))
+                                      pick("num_captions"), pick("num_vqa"), shapes_world(args.checkpoint))
     else:
         try:
             scores = _model_scores(args)

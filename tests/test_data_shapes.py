@@ -1,8 +1,10 @@
 """Shapes world and its exact evaluator: oracle ~1, noise/flat/shuffled ~chance."""
+import dataclasses
+
 import numpy as np
 import pytest
 
-from dual_diffusion.data import shapes, shapes_eval
+from dual_diffusion.data import shapes, shapes_eval, shapes_prompts
 
 
 def test_records_are_deterministic_and_vary():
@@ -14,12 +16,76 @@ def test_records_are_deterministic_and_vary():
 
 
 def test_scene_limits_and_placement():
+    world = shapes.World(min_objects=2, max_objects=3)
     for i in range(200):
-        scene = shapes.scene_record(0, i, 2, 3)
+        scene = shapes.scene_record(0, i, world)
         assert 2 <= len(scene.objects) <= 3
         for j, o in enumerate(scene.objects):
             assert shapes._fits(o, list(scene.objects[:j]))
             assert o.r <= o.x <= 1 - o.r and o.r <= o.y <= 1 - o.r
+
+
+SMALL = shapes.World(colors=("red", "blue"), shapes=("circle", "triangle"), min_objects=1, max_objects=1,
+                     min_radius=0.18, max_radius=0.24)
+
+
+def test_a_small_world_draws_only_its_own_scenes_and_questions():
+    scenes = [shapes.scene_record(2, i, SMALL) for i in range(300)]
+    kinds = {(o.color, o.shape) for s in scenes for o in s.objects}
+    assert kinds == {(c, s) for c in SMALL.colors for s in SMALL.shapes}  # every kind occurs, no other
+    assert {len(s.objects) for s in scenes} == {1} and all(0.18 <= s.objects[0].r <= 0.24 for s in scenes)
+    for scene in scenes[:50]:
+        qa = shapes.questions(scene, SMALL)
+        assert not any("square" in q or "how many" in q for q, _ in qa), qa  # no counts, no squares here
+        assert sum(a == "yes" for _, a in qa) == sum(a == "no" for _, a in qa) == 1
+        assert all(word in ("red", "blue", "circle", "triangle", "zero", "one", "yes", "no")
+                   for _, a in qa for word in a.split())
+    words = set(" ".join(shapes.shapes_captions_corpus(0, 100, SMALL)).split())
+    assert {"red", "blue", "triangle"} <= words and not words & {"green", "square", "squares", "left"}
+
+
+def test_spread_draws_single_objects_around_the_centre():
+    for spread in (0.0, 0.5):
+        world = dataclasses.replace(SMALL, spread=spread)
+        offsets = [max(abs(o.x - 0.5), abs(o.y - 0.5)) for i in range(200)
+                   for o in shapes.scene_record(1, i, world).objects]
+        assert max(offsets) <= spread * (0.5 - 0.18 - 0.02) + 1e-4 and (spread == 0 or max(offsets) > 0.05)
+
+
+def test_world_categories_and_errors():
+    assert shapes_eval.categories() == shapes_eval.CATEGORIES  # the full world has all six
+    assert shapes_eval.categories(SMALL) == ("single_object", "colors")
+    assert shapes_eval.categories(shapes.World(min_objects=2, max_objects=3)) == (
+        "two_object", "counting", "position", "color_attr")
+    prompts = shapes_eval.t2i_prompt_set(3, 20, SMALL)
+    assert {p.prompt for p in prompts} <= {"a circle", "a triangle"} | {f"a {c} {s}" for c in SMALL.colors
+                                                                         for s in SMALL.shapes}
+    with pytest.raises(ValueError, match="does not apply"):
+        shapes_prompts.make_prompt("counting", np.random.default_rng(0), SMALL)
+    assert shapes.World.from_config(None) == shapes.FULL_WORLD
+    assert shapes.World.from_config({"colors": ["red", "blue"], "max_objects": 2}).colors == ("red", "blue")
+    for bad, message in [(dict(colors=("red", "mauve")), "colors="), (dict(shapes=()), "shapes="),
+                         (dict(min_objects=2, max_objects=1), "min_objects=2"),
+                         (dict(max_radius=0.3), "max_radius=0.3"),
+                         (dict(min_radius=0.24, max_radius=0.24), "do not fit"), (dict(size=3), "unknown keys"),
+                         (dict(spread=0.5), "below 1 only with max_objects=1"), (dict(spread=-1), "spread=-1")]:
+        with pytest.raises(ValueError, match=message):
+            shapes.World.from_config(bad)
+
+
+@pytest.mark.parametrize("size", [24, 32])
+def test_reader_is_exact_on_a_small_world_of_large_objects(size):
+    """The demo's kind of world (one object of radius 0.18-0.24): every render reads back, every oracle
+    prompt passes, the oracle VQA answers come back from the pixels."""
+    for i in range(100):
+        scene = shapes.scene_record(5, i, SMALL)
+        assert shapes_eval.scene_from_image(shapes.render(scene, size)).counts() == scene.counts(), (size, i)
+    prompts = shapes_eval.t2i_prompt_set(5, 30, SMALL)
+    scores = shapes_eval.evaluate_t2i(np.stack([shapes.render(p.scene, size) for p in prompts]), prompts)
+    assert scores == {"single_object": 1.0, "colors": 1.0, "overall": 1.0}
+    ev = shapes_eval.vqa_eval_set(4, 60, size, SMALL)
+    read = [shapes_eval.answer_from_image(im, q, SMALL) for im, q in zip(ev.images, ev.questions)]
+    assert shapes_eval.evaluate_vqa(read, ev.answers)["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("size", [32, 64, 160])

@@ -216,6 +216,24 @@ def test_cli_oracle_writes_scores(tmp_path, capsys):
     assert "| t2i / overall | 1.0000 |" in (tmp_path / "scores.md").read_text()
 
 
+def test_cli_oracle_scores_the_world_of_a_workdir(tmp_path, capsys):
+    """--oracle --checkpoint=WORKDIR: the truth of the world in WORKDIR/config.json, its categories only."""
+    world = dict(colors=["red", "blue"], shapes=["square", "triangle"], min_objects=1, max_objects=1,
+                 min_radius=0.18, max_radius=0.24, spread=0.5)
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"shapes_world": world}}))
+    code = evaluate.main(["--suite=shapes", "--oracle", "--checkpoint", str(tmp_path), "--image_size=32",
+                          "--per_category=4", "--num_captions=6", "--num_vqa=6", "--out_dir", str(tmp_path)])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["world"] == world and set(printed["t2i"]) == {"single_object", "colors", "overall"}
+    assert min(v for part in ("t2i", "captions", "vqa_answered_from_pixels") for v in printed[part].values()
+               if v is not None) == 1.0
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"shapes_world": dict(world, colors=["mauve"])}}))
+    code = evaluate.main(["--suite=shapes", "--oracle", "--checkpoint", str(tmp_path), "--out_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot read the shapes world") and "mauve" in err, err
+
+
 @pytest.mark.slow  # ~10 s of torch model building and conversion, ~8 s of compiles
 def test_cli_shapes_on_converted_checkpoint(tmp_path, capsys):
     """The whole path: load_pretrained (with a VAE) -> Pipeline -> suite -> CHECKPOINT/eval/scores.{json,md}."""
@@ -288,6 +306,9 @@ def test_preset_demo_resolves_to_the_trainers_end_of_training_settings(tmp_path,
     assert (image.cfg_scale, image.steps) == (config.samples.cfg_scale, config.samples.image_steps) != (7.0, 28)
     assert (text.method, text.steps) == (config.samples.text_method, config.samples.text_steps)
     assert train_kw["num_vqa"] == config.eval.shapes_suite_size != 200
+    # The run's own world (a one-object one: two t2i categories share the prompts), not the full world.
+    assert train_kw["world"] == shapes.World(**config.data.shapes_world) != shapes.FULL_WORLD
+    assert train_kw["per_category"] == config.eval.shapes_suite_size // 2
     # An explicit flag still wins over the preset.
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(workdir), "--suite=shapes", "--preset=demo", "--num_vqa=7",

@@ -30,10 +30,15 @@ def test_stage_configs_are_valid_and_locked(module):
     assert "init_from" in c
 
 
-def test_demo_gpu_variant_is_valid():
+def test_demo_gpu_and_full_variants_are_valid():
+    from dual_diffusion.data.shapes import FULL_WORLD, world_of_run
+
     c = demo.get_config("gpu")
     check_config(c, num_devices=8, dry_run=True)
     assert c.model.transformer.num_layers == 8 and c.runtime.dtype == "bfloat16"
+    full = demo.get_config("full")
+    check_config(full, num_devices=8, dry_run=True)
+    assert world_of_run(c) == world_of_run(full) == FULL_WORLD != world_of_run(demo.get_config())
     with pytest.raises(ValueError, match="unknown config variant 'tpu'"):
         demo.get_config("tpu")
 
@@ -58,12 +63,15 @@ def test_bad_values_name_their_key():
     assert "config.ema.decay=1.5" in _errors(ema__decay=1.5)
     assert "config.loss.text_normalization='per_token'" in _errors(loss__text_normalization="per_token")
     assert "config.loss.latent_sampling='mode'" in _errors(loss__latent_sampling="mode")
+    assert "config.data.shapes_world: colors=('red', 'mauve')" in _errors(
+        data__shapes_world__colors=("red", "mauve"))
     assert "config.runtime.remat_policy='offload'" in _errors(runtime__remat_policy="offload")
     msg = _errors(mesh__data=3, mesh__fsdp=-1)
     assert "config.mesh" in msg and "8 devices" in msg
     assert "config.train.microbatches=3" in _errors(train__microbatches=3)
     assert "joint_attention_dim" in _errors(model__transformer__joint_attention_dim=48)
-    assert "text_pos_embed_len=16 is shorter than config.data.text_length=32" in _errors(
+    length = demo.get_config().data.text_length
+    assert f"text_pos_embed_len=16 is shorter than config.data.text_length={length}" in _errors(
         model__transformer__text_pos_embed_len=16)
 
 

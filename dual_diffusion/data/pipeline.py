@@ -49,6 +49,7 @@ from absl import flags, logging
 
 from dual_diffusion.data import sources as sources_lib
 from dual_diffusion.data import text_layout
+from dual_diffusion.data.shapes import World
 from dual_diffusion.data.transforms import ExampleBuilder
 
 STAT_KEYS = ("skipped", "truncated", "converted")
@@ -60,6 +61,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.t2i_sources = [dict(kind="shapes", seed=0, num_records=100_000, weight=1.0)]
     c.i2t_sources = [dict(kind="shapes", seed=1, num_records=100_000, weight=1.0,
                           tasks=("caption", "vqa"))]
+    # What the shapes sources draw (shapes.World): the full world by default; saved with the run's
+    # config, so the shapes suite scores a checkpoint on the world it trained on.
+    c.shapes_world = ml_collections.ConfigDict(World().to_config())
     c.image_size = 256
     c.text_length = 64
     c.seed = 0
@@ -164,7 +168,8 @@ def _stream(specs, tokenizer, cfg, stream: str, batch: int, process_index: int, 
         weight = float(spec.get("weight", 1.0))
         if weight <= 0:
             raise ValueError(f"{stream}_sources[{k}] ({spec.get('kind')}): weight {weight} must be > 0")
-        source = sources_lib.build_source(spec, image_size=cfg.image_size, stream=stream)
+        source = sources_lib.build_source(spec, image_size=cfg.image_size, stream=stream,
+                                          world=World.from_config(cfg.get("shapes_world")))
         if len(source) < process_count:
             raise ValueError(f"data source {source.name!r} has {len(source)} records, fewer than "
                              f"{process_count} processes")

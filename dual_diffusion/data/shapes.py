@@ -3,15 +3,19 @@
 Record i of seed s is a function of (s, i) alone (`np.random.default_rng([s, i])`),
 so the world needs no files and every process can render any record.
 
-A scene is 1-4 flat objects (circle, square, triangle in 8 saturated colors) on a
+A scene is flat objects (circles, squares, triangles in saturated colors) on a
 plain gray background, in resolution-free unit coordinates; `render` draws it at
-any size. Sizes and gaps are chosen so that objects stay separable and their
+any size. A `World` says which colors and shapes occur, how many objects a scene
+holds and how big they are: the full world (`World()`: 1-4 objects, 3 shapes, 8
+colors, radius 0.14-0.18) or a smaller one (the CPU demo's: one larger object, a
+few colors). Sizes and gaps are chosen so that objects stay separable and their
 shapes readable at 32 px (smallest object about 8 px across, gaps >= 2 px), which
 is what the exact evaluator (shapes_eval.py) relies on.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 import numpy as np
@@ -35,6 +39,77 @@ GAP = 0.065
 # A left/right or above/below relation is only stated with this much separation.
 RELATION_MARGIN = 0.15
 SQUARE_HALF_SIDE = 0.85  # as a fraction of r, so squares are not much bigger than circles
+MAX_OBJECTS = 4  # number words and placement are sized for this many
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Which scenes occur: colors and shapes (subsets of COLORS / SHAPES, in this order of
+    sampling), objects per scene, and the objects' radius range (unit coordinates). The
+    defaults are the full world; every default record, caption and prompt set is the one
+    this module made before worlds were configurable."""
+
+    colors: tuple[str, ...] = tuple(COLORS)
+    shapes: tuple[str, ...] = SHAPES
+    min_objects: int = 1
+    max_objects: int = MAX_OBJECTS
+    min_radius: float = MIN_RADIUS
+    max_radius: float = MAX_RADIUS
+    # A single object's centre is drawn from this fraction of the free range around the image centre
+    # (1: anywhere the object fits; 0: always centred).
+    spread: float = 1.0
+
+    def __post_init__(self):
+        for name, value in (("colors", self.colors), ("shapes", self.shapes)):
+            object.__setattr__(self, name, tuple(str(v) for v in value))  # lists from config.json
+        errors = self._errors()
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def _errors(self) -> list[str]:
+        out = []
+        for name, known in (("colors", tuple(COLORS)), ("shapes", SHAPES)):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values) or set(values) - set(known):
+                out.append(f"{name}={values}: expected distinct names from {known}")
+        if not 1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS:
+            out.append(f"min_objects={self.min_objects}, max_objects={self.max_objects}: expected "
+                       f"1 <= min_objects <= max_objects <= {MAX_OBJECTS}")
+        # Above 0.25 a circle covers more than the reader's largest object (shapes_eval.MAX_AREA).
+        if not 0.1 <= self.min_radius <= self.max_radius <= 0.25:
+            out.append(f"min_radius={self.min_radius}, max_radius={self.max_radius}: expected "
+                       "0.1 <= min_radius <= max_radius <= 0.25")
+        if not 0.0 <= self.spread <= 1.0 or (self.spread < 1 and self.max_objects > 1):
+            out.append(f"spread={self.spread}: expected a number in [0, 1], below 1 only with max_objects=1")
+        # max_objects of the largest size must fit side by side in a square grid, with gaps and margins.
+        k = math.ceil(math.sqrt(self.max_objects))
+        if k * 2 * self.max_radius + (k - 1) * GAP + 0.04 > 1:
+            out.append(f"max_objects={self.max_objects} of max_radius={self.max_radius} do not fit in the image")
+        return out
+
+    @classmethod
+    def from_config(cls, config) -> "World":
+        """From a config's `data.shapes_world` (a ConfigDict, or the dict of a workdir's config.json);
+        None (a run from before worlds were configurable) is the full world."""
+        if config is None:
+            return cls()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - fields
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}; expected {sorted(fields)}")
+        return cls(**{k: config[k] for k in config})
+
+    def to_config(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FULL_WORLD = World()
+
+
+def world_of_run(config) -> World:
+    """The world a training config draws from (`data.shapes_world`; a ConfigDict, or the dict of a
+    workdir's config.json); the full world when it names none."""
+    return World.from_config((config.get("data") or {}).get("shapes_world"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +154,18 @@ def _fits(obj: Obj, placed: list[Obj]) -> bool:
 
 
 def place_objects(rng: np.random.Generator, kinds: list[tuple[str, str]],
-                  relation: str | None = None) -> Scene:
-    """Places (color, shape) objects without overlap; `relation` ('left'|'above')
-    forces object 0 clearly left of / above object 1."""
+                  relation: str | None = None, world: World = FULL_WORLD) -> Scene:
+    """Places (color, shape) objects of the world's sizes without overlap; `relation`
+    ('left'|'above') forces object 0 clearly left of / above object 1."""
     for _ in range(200):
         placed: list[Obj] = []
         for color, shape in kinds:
             for _ in range(100):
-                r = float(rng.uniform(MIN_RADIUS, MAX_RADIUS))
-                x, y = (float(v) for v in rng.uniform(r + 0.02, 1 - r - 0.02, size=2))
+                r = float(rng.uniform(world.min_radius, world.max_radius))
+                lo, hi = r + 0.02, 1 - r - 0.02
+                if world.spread < 1:  # (the full spread keeps the bounds, and so the draws, of the full world)
+                    lo, hi = 0.5 - world.spread * (0.5 - lo), 0.5 + world.spread * (0.5 - lo)
+                x, y = (float(v) for v in rng.uniform(lo, hi, size=2))
                 obj = Obj(shape, color, round(x, 4), round(y, 4), round(r, 4))
                 if _fits(obj, placed):
                     placed.append(obj)
@@ -105,18 +183,16 @@ def place_objects(rng: np.random.Generator, kinds: list[tuple[str, str]],
     raise RuntimeError(f"could not place objects {kinds} with relation={relation}")
 
 
-def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 4) -> Scene:
-    """A random scene; repeats (color, shape) often so counting captions occur."""
-    if not 1 <= min_objects <= max_objects <= 4:
-        raise ValueError(f"need 1 <= min_objects <= max_objects <= 4, got {min_objects}, {max_objects}")
-    n = int(rng.integers(min_objects, max_objects + 1))
+def sample_scene(rng: np.random.Generator, world: World = FULL_WORLD) -> Scene:
+    """A random scene of the world; repeats (color, shape) often so counting captions occur."""
+    n = int(rng.integers(world.min_objects, world.max_objects + 1))
     kinds: list[tuple[str, str]] = []
     for _ in range(n):
         if kinds and rng.random() < 0.4:
             kinds.append(kinds[int(rng.integers(len(kinds)))])
         else:
-            kinds.append((str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))))
-    return place_objects(rng, kinds)
+            kinds.append((str(rng.choice(list(world.colors))), str(rng.choice(world.shapes))))
+    return place_objects(rng, kinds, world=world)
 
 
 def render(scene: Scene, size: int) -> np.ndarray:
@@ -188,8 +264,10 @@ def caption(scene: Scene, rng: np.random.Generator, colorless_prob: float = 0.0)
 
 
 # ----------------------------------------------------------------------- QA
-def questions(scene: Scene) -> list[tuple[str, str]]:
-    """Every (question, answer) pair the scene supports without ambiguity."""
+def questions(scene: Scene, world: World = FULL_WORLD) -> list[tuple[str, str]]:
+    """Every (question, answer) pair the scene supports without ambiguity, about the world's
+    shapes and colors (a "no" for each present kind: the same shape in another of its colors).
+    Counting questions only where the world has counts (max_objects > 1), as the t2i categories."""
     objs = scene.objects
     shape_count = Counter(o.shape for o in objs)
     color_count = Counter(o.color for o in objs)
@@ -200,16 +278,18 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
             qa.append((f"what color is the {o.shape}?", o.color))
         if color_count[o.color] == 1:
             qa.append((f"what shape is the {o.color} object?", o.shape))
-    for shape in SHAPES:
-        qa.append((f"how many {shape}s are there?", NUMBER_WORDS[shape_count[shape]]))
+    if world.max_objects > 1:  # with one object, "how many squares" is "is there a square" in other words
+        for shape in world.shapes:
+            qa.append((f"how many {shape}s are there?", NUMBER_WORDS[shape_count[shape]]))
     for color, shape in sorted(kinds):
         qa.append((f"is there {_article(color)} {color} {shape}?", "yes"))
-    palette = list(COLORS)
+    palette = list(world.colors)
     for color, shape in sorted(kinds):  # as many absent kinds as present: balanced yes/no
-        k = palette.index(color)
-        absent = next(palette[(k + d) % len(palette)] for d in range(1, len(palette) + 1)
-                      if (palette[(k + d) % len(palette)], shape) not in kinds)
-        qa.append((f"is there {_article(absent)} {absent} {shape}?", "no"))
+        k = palette.index(color) if color in palette else -1
+        absent = next((palette[(k + d) % len(palette)] for d in range(1, len(palette) + 1)
+                       if (palette[(k + d) % len(palette)], shape) not in kinds), None)
+        if absent is not None:  # None: every color of the world is present in this shape
+            qa.append((f"is there {_article(absent)} {absent} {shape}?", "no"))
     rel = relation_of(scene)
     if rel is not None:
         i, r, j = rel
@@ -225,20 +305,20 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
     return qa
 
 
-def scene_record(seed: int, index: int, min_objects: int = 1, max_objects: int = 4) -> Scene:
-    """Record `index` of world `seed`."""
-    return sample_scene(np.random.default_rng([seed, index]), min_objects, max_objects)
+def scene_record(seed: int, index: int, world: World = FULL_WORLD) -> Scene:
+    """Record `index` of the world's stream `seed`."""
+    return sample_scene(np.random.default_rng([seed, index]), world)
 
 
-def shapes_captions_corpus(seed: int, n: int) -> list[str]:
-    """Every caption/question/answer text of n scenes (plus the VQA prompt words),
-    to train the demo's tiny SentencePiece tokenizer."""
+def shapes_captions_corpus(seed: int, n: int, world: World = FULL_WORLD) -> list[str]:
+    """Every caption/question/answer text of n scenes of the world (plus the VQA prompt
+    words), to train the demo's tiny SentencePiece tokenizer."""
     from dual_diffusion.data.text_layout import vqa_prompt
 
     texts: list[str] = []
-    texts += [f"{c} {s}" for c in COLORS for s in SHAPES] + list(NUMBER_WORDS)
+    texts += [f"{c} {s}" for c in world.colors for s in world.shapes] + list(NUMBER_WORDS)
     for i in range(n):
-        scene = scene_record(seed, i)
+        scene = scene_record(seed, i, world)
         rng = np.random.default_rng([seed, i, 1])
         texts.append(list_caption(scene))
         texts.append(list_caption(scene, with_colors=False))
@@ -246,6 +326,6 @@ def shapes_captions_corpus(seed: int, n: int) -> list[str]:
         rel = relation_of(scene)
         if rel is not None:
             texts += [relation_caption(scene, rel), relation_caption(scene, rel, flip=True)]
-        for q, a in questions(scene):
+        for q, a in questions(scene, world):
             texts += [vqa_prompt(q), a]
     return texts

@@ -5,11 +5,15 @@ background, or to "unknown" when it is far from all of them); each color's
 4-connected components are objects when their area is plausible; the shape comes
 from the ideal circle/square/triangle fitted to a component's
 bounding box that overlaps it best (IoU). This reads renders exactly at any
-size from 32 px up, and gives nothing on noise or on a single flat color.
+size from 32 px up (the demo world's larger single objects from 16 px: 1.0 on 400 renders), and
+gives nothing on noise or on a single flat color.
 
 Scores: `evaluate_t2i` (GenEval-style: a prompt passes or fails; per category and
 "overall" = mean of the categories), `evaluate_captions` (the scene a caption
 describes vs the truth), `evaluate_vqa` (exact match after normalisation).
+The reader always knows the full palette and all three shapes, whatever world
+(shapes.World) the evaluation sets are drawn from: a color or shape outside the
+world reads as itself, and counts as wrong.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from scipy import ndimage
 
 from dual_diffusion.data import shapes
 from dual_diffusion.data.shapes import shapes_captions_corpus  # noqa: F401  (re-exported)
-from dual_diffusion.data.shapes_prompts import CATEGORIES, PromptSpec, Want, t2i_prompt_set  # noqa: F401
+from dual_diffusion.data.shapes_prompts import (CATEGORIES, PromptSpec, Want, categories,  # noqa: F401
+                                                t2i_prompt_set)
 
 _NAMES = ("background",) + tuple(shapes.COLORS)
 _PALETTE = np.array([shapes.BACKGROUND] + list(shapes.COLORS.values()), np.float32)
@@ -99,10 +104,10 @@ def scene_from_image(image: np.ndarray) -> shapes.Scene:
                               for d in detect_objects(image)))
 
 
-def answer_from_image(image: np.ndarray, question: str) -> str:
+def answer_from_image(image: np.ndarray, question: str, world: shapes.World = shapes.FULL_WORLD) -> str:
     """The world's own answer to `question` about the scene read from the image
     ('' when the question does not apply to what is seen)."""
-    return dict(shapes.questions(scene_from_image(image))).get(question, "")
+    return dict(shapes.questions(scene_from_image(image), world)).get(question, "")
 
 
 def _matches(det: Detection, want: Want) -> bool:
@@ -263,17 +268,18 @@ class VqaEvalSet:
     scenes: list
 
 
-def caption_eval_set(seed: int, n: int, image_size: int) -> CaptionEvalSet:
-    scenes = [shapes.scene_record(seed, i) for i in range(n)]
+def caption_eval_set(seed: int, n: int, image_size: int, world: shapes.World = shapes.FULL_WORLD
+                     ) -> CaptionEvalSet:
+    scenes = [shapes.scene_record(seed, i, world) for i in range(n)]
     caps = [shapes.caption(s, np.random.default_rng([seed, i, 2])) for i, s in enumerate(scenes)]
     return CaptionEvalSet(np.stack([shapes.render(s, image_size) for s in scenes]), scenes, caps)
 
 
-def vqa_eval_set(seed: int, n: int, image_size: int) -> VqaEvalSet:
-    scenes = [shapes.scene_record(seed, i) for i in range(n)]
+def vqa_eval_set(seed: int, n: int, image_size: int, world: shapes.World = shapes.FULL_WORLD) -> VqaEvalSet:
+    scenes = [shapes.scene_record(seed, i, world) for i in range(n)]
     qa = []
     for i, s in enumerate(scenes):
-        pairs = shapes.questions(s)
+        pairs = shapes.questions(s, world)
         qa.append(pairs[int(np.random.default_rng([seed, i, 3]).integers(len(pairs)))])
     return VqaEvalSet(np.stack([shapes.render(s, image_size) for s in scenes]),
                       [q for q, _ in qa], [a for _, a in qa], scenes)

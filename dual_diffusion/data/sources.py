@@ -241,30 +241,32 @@ class LlavaSource:
 
 
 class ShapesSource:
-    """The built-in shapes world (shapes.py): renders at `image_size`; captions for
-    the t2i stream (20% without colors, for GenEval's color-free prompts), and a mix
-    of captions and VQA (`tasks`) for the i2t stream."""
+    """The built-in shapes world (shapes.py; `world`: which one, the full world by default,
+    the pipeline passes its `data.shapes_world`): renders at `image_size`; captions for
+    the t2i stream (`colorless_prob` of them without colors, for GenEval's color-free
+    prompts), and a mix of captions and VQA for the i2t stream (each record draws one of
+    `tasks`: ("caption", "vqa", "vqa") asks twice as many questions as it captions)."""
 
     def __init__(self, seed: int = 0, num_records: int = 100_000, image_size: int = 32,
-                 min_objects: int = 1, max_objects: int = 4, tasks=("caption", "vqa"),
+                 world: shapes.World = shapes.FULL_WORLD, tasks=("caption", "vqa"),
                  stream: str = "i2t", colorless_prob: float = 0.2, name: str | None = None):
         self.name = name or f"shapes:{seed}"
         bad = set(tasks) - {"caption", "vqa"}
         if bad or not tasks:
             raise ValueError(f"source {self.name}: tasks must be from ('caption', 'vqa'), got {tasks}")
-        self._args = (seed, num_records, image_size, min_objects, max_objects, tuple(tasks), stream)
+        self._args = (seed, num_records, image_size, world, tuple(tasks), stream)
         self._colorless_prob = colorless_prob if stream == "t2i" else 0.0
 
     def __len__(self) -> int:
         return self._args[1]
 
     def __getitem__(self, index: int) -> dict:
-        seed, _, size, lo, hi, tasks, stream = self._args
-        scene = shapes.scene_record(seed, index, lo, hi)
+        seed, _, size, world, tasks, stream = self._args
+        scene = shapes.scene_record(seed, index, world)
         rng = np.random.default_rng([seed, index, 11])
         image = shapes.render(scene, size)
         if stream == "i2t" and tasks[int(rng.integers(len(tasks)))] == "vqa":
-            qa = shapes.questions(scene)
+            qa = shapes.questions(scene, world)
             question, answer = qa[int(rng.integers(len(qa)))]
             return _record(self.name, image=image, image_ref=f"{self.name}[{index}]",
                            question=question, answer=answer)
@@ -276,8 +278,8 @@ SOURCES = {"json": JsonCaptionSource, "wds": WebDatasetSource, "tfds": TfdsSourc
            "llava": LlavaSource, "shapes": ShapesSource}
 
 
-def build_source(spec: dict, *, image_size: int, stream: str):
-    """A source from a config dict {kind, path?, weight, **options}."""
+def build_source(spec: dict, *, image_size: int, stream: str, world: shapes.World = shapes.FULL_WORLD):
+    """A source from a config dict {kind, path?, weight, **options}; shapes sources draw from `world`."""
     spec = dict(spec)
     kind = spec.pop("kind", None)
     spec.pop("weight", None)
@@ -286,6 +288,7 @@ def build_source(spec: dict, *, image_size: int, stream: str):
     if kind == "shapes":
         spec.setdefault("image_size", image_size)
         spec.setdefault("stream", stream)
+        spec.setdefault("world", world)
     elif "path" not in spec:
         raise ValueError(f"data source {kind!r} needs a 'path'; got keys {sorted(spec)}")
     try:

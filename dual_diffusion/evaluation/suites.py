@@ -74,21 +74,24 @@ def shapes_suite(pipeline: Pipeline, states: States, *, seed: int = 1234, per_ca
                  num_captions: int = 200, num_vqa: int = 200, batch_size: int = 16,
                  image_opts: ImageOptions = ImageOptions(), text_opts: TextOptions = TextOptions(),
                  vqa_opts: TextOptions | None = None, caption_length: int | None = None,
-                 progress: bool = True, journal: PartialResults | None = None) -> dict:
-    """Scores on the shapes world at `pipeline.image_size`; a part with count 0 is skipped.
+                 world=None, progress: bool = True, journal: PartialResults | None = None) -> dict:
+    """Scores on a shapes world (`world`: a data.shapes.World, default the full world) at
+    `pipeline.image_size`; a part with count 0 is skipped. Text to image covers the
+    categories that apply to the world (shapes_prompts.categories).
 
     text_opts samples the captions, vqa_opts (default text_opts) the answers. Items are
     keyed by `seed` and their index in each set.
 
-    Returns {"suite", "image_size", "t2i": {category: pass rate, "overall"},
+    Returns {"suite", "image_size", "world", "t2i": {category: pass rate, "overall"},
     "captions": {"exact_match", "attribute_accuracy", ...}, "vqa": {"accuracy"}, "throughput"}."""
-    from dual_diffusion.data import shapes_eval
+    from dual_diffusion.data import shapes, shapes_eval
 
-    size = pipeline.image_size
-    scores: dict[str, Any] = {"suite": "shapes", "image_size": size, "seed": seed, "throughput": {}}
+    size, world = pipeline.image_size, world or shapes.FULL_WORLD
+    scores: dict[str, Any] = {"suite": "shapes", "image_size": size, "seed": seed, "world": world.to_config(),
+                              "throughput": {}}
     stream = dict(progress=progress, journal=journal)
     if per_category > 0:
-        specs = shapes_eval.t2i_prompt_set(seed, per_category)
+        specs = shapes_eval.t2i_prompt_set(seed, per_category, world)
         check_fits(pipeline, prompts=[s.prompt for s in specs])
 
         def t2i(prompts, specs, indices):  # per item: whether it passes, and its fingerprint
@@ -100,7 +103,7 @@ def shapes_suite(pipeline: Pipeline, states: States, *, seed: int = 1234, per_ca
                                                          desc="shapes t2i", part="t2i", **stream)
         scores["t2i"] = shapes_eval.t2i_scores([item["pass"] for item in items], specs)
     if num_captions > 0:
-        caps = shapes_eval.caption_eval_set(seed, num_captions, size)
+        caps = shapes_eval.caption_eval_set(seed, num_captions, size, world)
         preds, scores["throughput"]["captions"] = map_batches(
             lambda im, indices: pipeline.caption(states, im, seed=seed, indices=indices, length=caption_length,
                                                  opts=text_opts),
@@ -108,7 +111,7 @@ def shapes_suite(pipeline: Pipeline, states: States, *, seed: int = 1234, per_ca
         scores["captions"] = shapes_eval.evaluate_captions(preds, caps.scenes)
         scores["caption_examples"] = [{"truth": t, "generated": p} for t, p in zip(caps.captions[:3], preds)]
     if num_vqa > 0:
-        vqa = shapes_eval.vqa_eval_set(seed, num_vqa, size)
+        vqa = shapes_eval.vqa_eval_set(seed, num_vqa, size, world)
         check_fits(pipeline, questions=vqa.questions)
         answer_opts = text_opts if vqa_opts is None else vqa_opts
         preds, scores["throughput"]["vqa"] = map_batches(
@@ -135,13 +138,15 @@ def training_sample_options(config) -> tuple[ImageOptions, TextOptions]:
 
 def training_suite_settings(config) -> dict:
     """Keyword arguments of `shapes_suite` for the trainer's end-of-training evaluation
-    (`config.eval.shapes_suite_size` items per set, one batch each, its own seed)."""
+    (`config.eval.shapes_suite_size` items per set, one batch each, its own seed, the run's world)."""
     n = int(config["eval"]["shapes_suite_size"])
     image_opts, text_opts = training_sample_options(config)
-    from dual_diffusion.data.shapes_eval import CATEGORIES
+    from dual_diffusion.data.shapes import world_of_run
+    from dual_diffusion.data.shapes_prompts import categories
 
-    return dict(seed=4321, per_category=max(1, n // len(CATEGORIES)), num_captions=n, num_vqa=n, batch_size=n,
-                image_opts=image_opts, text_opts=text_opts)
+    world = world_of_run(config)
+    return dict(seed=4321, per_category=max(1, n // len(categories(world))), num_captions=n, num_vqa=n,
+                batch_size=n, image_opts=image_opts, text_opts=text_opts, world=world)
 
 
 # -------------------------------------------------------------- from disk

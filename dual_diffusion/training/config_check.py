@@ -105,6 +105,7 @@ def check_config(config, num_devices: int | None = None, *, dry_run: bool = Fals
             kind = "an integer" if isinstance(low, int) else "a number"
             errors.append(f"config.{key}={value!r}: expected {kind} in {lo}, {hi}")
     errors += _check_models(config)
+    errors += _world_errors(config)
     errors += _check_mesh_and_batch(config, num_devices, num_slices)
     if not dry_run:
         errors += _check_files(config)
@@ -112,6 +113,16 @@ def check_config(config, num_devices: int | None = None, *, dry_run: bool = Fals
         errors.append(f"config.tokenizer.train_corpus={config.tokenizer.train_corpus!r}: expected '' or 'shapes'")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _world_errors(config) -> list[str]:
+    from dual_diffusion.data.shapes import world_of_run
+
+    try:
+        world_of_run(config)
+    except (ValueError, TypeError) as e:
+        return [f"config.data.shapes_world: {e}"]
+    return []
 
 
 def _source_errors(config) -> list[str]:

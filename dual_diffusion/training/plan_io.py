@@ -42,12 +42,12 @@ def get_tokenizer(config, workdir, dry_run: bool = False):
             return None
         model_file, local = workdir / "tokenizer" / "spiece.model", paths.is_local(workdir)
         if not model_file.exists():
-            from dual_diffusion.data.shapes import shapes_captions_corpus
+            from dual_diffusion.data.shapes import shapes_captions_corpus, world_of_run
             if jax.process_index() == 0:
                 prefix = (workdir / "tokenizer" / "spiece" if local
                           else Path(tempfile.mkdtemp(prefix="dual_diffusion_tokenizer_")) / "spiece")
-                trained = train_sentencepiece(shapes_captions_corpus(config.seed, 2000), prefix,
-                                              config.tokenizer.train_vocab_size,
+                corpus = shapes_captions_corpus(config.seed, 2000, world_of_run(config))
+                trained = train_sentencepiece(corpus, prefix, config.tokenizer.train_vocab_size,
                                               model_type=config.tokenizer.get("train_model_type", "unigram"))
                 if not local:
                     model_file.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 A thin layer over dual_diffusion.inference.pipelines: the train state's weights (EMA when
 the run keeps one) plus the frozen weights make each network's state. Written to
 WORKDIR/samples/step_<N>_images.png (one image per fixed prompt, in a row) and
-WORKDIR/samples/step_<N>_captions.json (captions of fixed shapes-world images),
+WORKDIR/samples/step_<N>_captions.json (captions of fixed images of the run's shapes world),
 through etils.epath (a gs:// workdir too).
 """
 from __future__ import annotations
@@ -55,12 +55,14 @@ class Sampler:
 
     def write(self, step: int, state, frozen) -> None:
         """Image row for the config's prompts + captions of fixed shapes images, under WORKDIR/samples."""
+        from dual_diffusion.data.shapes import world_of_run
         from dual_diffusion.data.shapes_eval import caption_eval_set
 
         states = self.states(state, frozen)
         prompts = list(self.config.samples.prompts)
         images = self.pipeline.text_to_image(states, prompts, opts=self.image_opts)
-        fixed = caption_eval_set(1234, int(self.config.samples.num_caption_images), self.pipeline.image_size)
+        fixed = caption_eval_set(1234, int(self.config.samples.num_caption_images), self.pipeline.image_size,
+                                 world_of_run(self.config))
         caps = self.pipeline.caption(states, fixed.images, opts=self.text_opts)
         if jax.process_index() != 0 or self.workdir is None:
             return
