@@ -48,7 +48,7 @@ def _single_device_env():
 
 @pytest.mark.slow
 def test_command_prints_one_json_line_per_measurement():
-    cmd = [sys.executable, "-m", "dual_diffusion.benchmark", "--config=configs/demo.py", *TINY_OVERRIDES,
+    cmd = [sys.executable, "-m", "dual_diffusion.benchmark", "--config=configs/demo.py:full", *TINY_OVERRIDES,
            "--what=train,t2i,caption,vqa", "--batch=2", "--iters=1", "--warmup=1", "--text_length=16",
            "--t2i_steps=2", "--caption_length=12", "--caption_steps=4", "--vqa_prompt_tokens=8", "--vqa_steps=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_single_device_env(), capture_output=True, text=True, timeout=600)

@@ -191,10 +191,11 @@ def test_collective_bytes_on_a_tpu_program(libtpu):
 
 # --------------------------------------------------------------------------- the demo's train step on v5e-8
 def _small_demo(**overrides):
-    """configs/demo.py shrunk to compile in seconds (2 MM-DiT layers, 1 T5 layer), attention chosen by the mesh."""
+    """configs/demo.py:full (32 px, 32 tokens) shrunk to compile in seconds (2 MM-DiT layers, 1 T5 layer),
+    attention chosen by the mesh."""
     from configs import demo
 
-    c = demo.get_config()
+    c = demo.get_config("full")
     c.model.transformer.num_layers = 2
     c.model.text_encoder.num_layers = 1
     c.train.batch_size = 16

@@ -98,6 +98,13 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def _demo_config():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from configs import demo
+
+    return demo.get_config()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_current_step_and_partial_checkpoints_are_ignored(env, tmp_path):
     proc = _start(env, tmp_path, "--config.train.num_steps=1000", "--config.samples.every_steps=3",
@@ -115,7 +122,7 @@ def test_sigterm_saves_current_step_and_partial_checkpoints_are_ignored(env, tmp
     assert (tmp_path / "samples" / "step_3_images.png").is_file()
     assert "samples for step 3 written to" in err
     caps = json.loads((tmp_path / "samples" / "step_3_captions.json").read_text())
-    assert len(caps["captions"]) == 2 and len(caps["prompts"]) == 4
+    assert len(caps["captions"]) == 2 and caps["prompts"] == list(_demo_config().samples.prompts)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     # A half-written step (Orbax's temporary folder) is never picked up.
     (tmp_path / "checkpoints" / f"{latest + 50}.orbax-checkpoint-tmp-123").mkdir()
