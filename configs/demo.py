@@ -7,7 +7,7 @@ image, 4 colors x 3 shapes (DEMO_WORLD). Pixel space (no VAE: the latent is the 
 patch 4 -> 16 tokens), a 4-layer MM-DiT of width 128 and a tiny T5 (random init, trained with the rest
 here), a BPE SentencePiece tokenizer trained on the world's captions into WORKDIR/tokenizer on first
 run, text rows of 24 tokens. A learned text position table stands in for the positions a from-scratch
-T5 cannot give an all-[MASK] caption. 2600 steps at batch 32 per half, peak learning rate 2e-3. Ends by
+T5 cannot give an all-[MASK] caption. 3000 steps at batch 32 per half, peak learning rate 2e-3. Ends by
 printing the shapes-suite scores (t2i per category, caption attributes, VQA accuracy) as one JSON line;
 the README (The demo) has the measured scores and wall time, and what each lever bought.
 Tiny smoke run: --config.train.num_steps=4 --config.train.batch_size=8.
@@ -80,11 +80,11 @@ def get_config(arg=None):
     c.ema.decay = 0.99  # 0.995 lags a run of a few hundred steps (eval uses the EMA weights)
 
     c.train.batch_size = 32
-    c.train.num_steps = 2600
+    c.train.num_steps = 3000
     c.train.log_every = 25
-    c.checkpoint.every_steps = 1300
+    c.checkpoint.every_steps = 1500
     c.checkpoint.keep = 2
-    c.samples.every_steps = 1300  # WORKDIR/samples: an image row for the prompts below + captions
+    c.samples.every_steps = 1500  # WORKDIR/samples: an image row for the prompts below + captions
     c.samples.prompts = ("a red circle", "a blue square", "a green triangle", "a yellow circle", "a square",
                          "a triangle")
     c.samples.image_steps = 20
