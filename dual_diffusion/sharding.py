@@ -14,12 +14,10 @@ Logical axes:
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from typing import Any, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

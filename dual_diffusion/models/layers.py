@@ -49,8 +49,7 @@ def _kernel(w, placement, dtype, shape):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _matmul(xs, w, placement, dtype, out_dtype, shape, w_meta):
-    k = _kernel(w, placement, dtype, shape)
-    return tuple(jnp.dot(x, k, preferred_element_type=out_dtype) for x in xs)
+    return _matmul_fwd(xs, w, placement, dtype, out_dtype, shape, w_meta)[0]
 
 
 def _matmul_fwd(xs, w, placement, dtype, out_dtype, shape, w_meta):
